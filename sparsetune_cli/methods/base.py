@@ -1,0 +1,73 @@
+"""What every finetuning method is: prepare the model, say what trains, save and reload what it trained.
+
+A method never touches the training loop. `prepare` freezes, wraps or adds parameters; whatever
+still has requires_grad=True is what the optimizer sees and what the checkpoint stores. `state` is
+any extra structure the method needs to rebuild the same model at load time (e.g. a selection).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..models import is_head
+
+WEIGHTS = "trained.safetensors"
+STATE = "method_state.json"
+
+
+class Method:
+    name = "base"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.state: dict = {}   # JSON-serializable; saved with the weights
+
+    def prepare(self, model, context=None, state: dict | None = None):
+        """Return the model ready to train. `context` (train data etc.) is given for a new run;
+        `state` (from a saved run) instead when rebuilding for loading."""
+        raise NotImplementedError
+
+    def export(self, model):
+        """The model as a plain Hugging Face model of the base architecture (for `sparsetune merge`)."""
+        return model
+
+    def cost_extra(self) -> dict:
+        """Seconds spent outside the training loop that count toward the run's cost (e.g. a probe)."""
+        return {}
+
+    # --- one save/load for all methods: the trainable tensors plus the method's state ---
+    def save(self, model, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        tensors.update(self.extra_tensors(model))
+        save_file(tensors, str(out_dir / WEIGHTS))
+        (out_dir / STATE).write_text(json.dumps({"method": self.name, "state": self.state}))
+
+    def extra_tensors(self, model) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load(self, model, run_model_dir: Path):
+        state = json.loads((run_model_dir / STATE).read_text())["state"]
+        model = self.prepare(model, state=state)
+        tensors = load_file(str(run_model_dir / WEIGHTS))
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if unexpected:
+            raise RuntimeError(f"saved tensors do not fit the model: {unexpected[:5]}")
+        return model
+
+
+def freeze_all_but(model, keep) -> None:
+    """requires_grad only for parameters whose name satisfies keep(name); the head always trains."""
+    for name, p in model.named_parameters():
+        p.requires_grad = is_head(name) or keep(name)
+
+
+def count_params(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_head(n))
+    return {"trainable_params": trainable, "trainable_params_without_head": trainable - head,
+            "total_params": total}

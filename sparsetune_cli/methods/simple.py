@@ -1,0 +1,59 @@
+"""Methods that only choose which existing parameters train: full, head_only, bitfit, layer_select."""
+from __future__ import annotations
+
+from ..errors import UserError
+from ..models import transformer_blocks
+from .base import Method, freeze_all_but
+
+
+class Full(Method):
+    """End-to-end finetuning: everything trains."""
+    name = "full"
+
+    def prepare(self, model, context=None, state=None):
+        for p in model.parameters():
+            p.requires_grad = True
+        return model
+
+
+class HeadOnly(Method):
+    """Linear probe: the backbone is frozen, only the head trains (a cost floor)."""
+    name = "head_only"
+
+    def prepare(self, model, context=None, state=None):
+        freeze_all_but(model, lambda name: False)
+        return model
+
+
+class BitFit(Method):
+    """Biases of the backbone plus the head (Ben Zaken et al., 2022)."""
+    name = "bitfit"
+
+    def prepare(self, model, context=None, state=None):
+        freeze_all_but(model, lambda name: name.endswith(".bias"))
+        return model
+
+
+class LayerSelect(Method):
+    """Whole transformer blocks train, the rest is frozen: the top N by default."""
+    name = "layer_select"
+
+    def chosen_blocks(self, n_blocks: int) -> list[int]:
+        if self.cfg.get("blocks"):
+            chosen = [int(i) for i in self.cfg.blocks]
+            bad = [i for i in chosen if not -n_blocks <= i < n_blocks]
+            if bad:
+                raise UserError(f"method.blocks={chosen}: the backbone has blocks 0..{n_blocks - 1}")
+            return sorted({i % n_blocks for i in chosen})
+        n = int(self.cfg.num_blocks)
+        if not 1 <= n <= n_blocks:
+            raise UserError(f"method.num_blocks={n}: must be between 1 and {n_blocks} for this backbone")
+        return list(range(n)) if self.cfg.position == "bottom" else list(range(n_blocks - n, n_blocks))
+
+    def prepare(self, model, context=None, state=None):
+        blocks = transformer_blocks(model)
+        chosen = self.chosen_blocks(len(blocks))
+        prefixes = tuple(f"{blocks[i][0]}." for i in chosen)
+        freeze_all_but(model, lambda name: name.startswith(prefixes))
+        self.state = {"blocks": chosen}
+        return model

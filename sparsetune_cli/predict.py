@@ -1,0 +1,100 @@
+"""Use a finished run: rebuild its model from the run folder, label texts, export a plain HF model."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .errors import UserError
+from .methods import get_method
+from .methods.base import WEIGHTS
+from .models import load_model, load_tokenizer
+from .results import file_sha256, read_metrics
+from .train import MODEL_DIR
+
+
+@dataclass
+class LoadedRun:
+    cfg: object
+    labels: list[str]
+    tokenizer: object
+    model: torch.nn.Module
+    method: object
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    record = read_metrics(run_dir)
+    if not record or record.get("status") != "completed":
+        raise UserError(f"{run_dir}: not a completed run (no metrics.json with status completed)")
+    weights = run_dir / MODEL_DIR / WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing; the run's trained weights were deleted or moved")
+    expected = record.get("weights_sha256")
+    if expected and file_sha256(weights) != expected:
+        raise UserError(f"{weights}: does not match the checksum the run recorded; the file was changed or replaced")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    labels = json.loads((run_dir / "labels.json").read_text())
+    tokenizer = load_tokenizer(cfg.backbone)
+    model = load_model(cfg.backbone, len(labels), tokenizer, cfg.seed)
+    method = get_method(cfg.method)
+    model = method.load(model, run_dir / MODEL_DIR)
+    model.eval()
+    return LoadedRun(cfg, labels, tokenizer, model, method)
+
+
+def parse_input(task, line: str) -> tuple[str, str | None]:
+    """One user input in the task's format: plain text; 'a<TAB>b' for pairs;
+    'sentence<TAB>predicate_index<TAB>argument_index' for srl."""
+    from .data import srl_input
+    parts = line.split("\t")
+    if task.format == "pair":
+        if len(parts) != 2:
+            raise UserError(f"pair task {task.name}: give each input as text_a<TAB>text_b, got {line!r}")
+        return parts[0], parts[1]
+    if task.format == "srl":
+        if len(parts) != 3:
+            raise UserError("srl: give each input as sentence<TAB>predicate_index<TAB>argument_index")
+        words = parts[0].split(" ")
+        p, a = int(parts[1]), int(parts[2])
+        return srl_input({"sentence": parts[0], "predicate_index": p, "argument_index": a,
+                          "predicate": words[p], "argument": words[a], "_where": "input"})
+    return line, None
+
+
+@torch.no_grad()
+def predict(run: LoadedRun, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Class probabilities, one row per input."""
+    inputs = [parse_input(run.cfg.task, t) for t in texts]
+    out = []
+    for i in range(0, len(inputs), batch_size):
+        chunk = inputs[i:i + batch_size]
+        pairs = [b for _, b in chunk] if chunk[0][1] is not None else None
+        enc = run.tokenizer([a for a, _ in chunk], pairs, truncation=True, max_length=run.cfg.task.max_length,
+                            padding=True, return_tensors="pt")
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out.append(torch.softmax(run.model(**enc).logits.float(), -1))
+    return torch.cat(out) if out else torch.empty(0, len(run.labels))
+
+
+def format_predictions(run: LoadedRun, probs: torch.Tensor, texts: list[str], as_json=False, top: int = 3) -> list[str]:
+    lines = []
+    for text, p in zip(texts, probs):
+        if not as_json:
+            lines.append(run.labels[int(p.argmax())])
+            continue
+        values, idx = p.topk(min(top, len(run.labels)))
+        lines.append(json.dumps({"text": text, "label": run.labels[int(idx[0])],
+                                 "probabilities": {run.labels[int(i)]: round(float(v), 6) for v, i in zip(values, idx)}}))
+    return lines
+
+
+def merge(run: LoadedRun, out_dir: Path) -> None:
+    """A plain Hugging Face model folder with the base architecture: no sparsetune code needed to load it."""
+    model = run.method.export(run.model)
+    model.config.id2label = dict(enumerate(run.labels))
+    model.config.label2id = {name: i for i, name in enumerate(run.labels)}
+    model.save_pretrained(out_dir)
+    run.tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,266 @@
+"""One run: data -> model -> method -> Hugging Face Trainer -> validation/test -> metrics.json."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .data import load_task, tokenize
+from .errors import UserError
+from .methods import count_params, get_method
+from .methods.base import WEIGHTS
+from .models import load_model, load_tokenizer
+from .results import METRICS_FILE, file_sha256, classification_metrics, package_versions, read_metrics, write_json_atomic
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+
+LOGGERS = {"csv": "none", "none": "none", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def validate_config(cfg) -> None:
+    """Fail before any model is loaded, naming the key and the allowed range."""
+    t, task, bb = cfg.train, cfg.task, cfg.backbone
+    checks = [
+        (t.epochs > 0 or t.max_steps > 0, "train.epochs", t.epochs, "> 0 (or set train.max_steps > 0)"),
+        (t.max_steps == -1 or t.max_steps > 0, "train.max_steps", t.max_steps, "-1 (off) or > 0"),
+        (t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1"),
+        (t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, ">= 1"),
+        (t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1"),
+        (cfg.method.lr > 0, "method.lr", cfg.method.lr, "> 0"),
+        (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0"),
+        (0 <= t.warmup < 1 or (t.warmup >= 1 and float(t.warmup).is_integer()), "train.warmup", t.warmup,
+         "a fraction in [0, 1) or a whole number of steps"),
+        (t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", t.precision, "auto, fp32, bf16 or fp16"),
+        (t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "auto, cpu or cuda"),
+        (t.logger in LOGGERS, "train.logger", t.logger, ", ".join(LOGGERS)),
+        (t.eval_every == "epoch" or (isinstance(t.eval_every, int) and t.eval_every > 0), "train.eval_every",
+         t.eval_every, "'epoch' or a number of steps > 0"),
+        (8 <= task.max_length <= bb.max_positions, "task.max_length", task.max_length,
+         f"8..{bb.max_positions} for backbone {bb.name}"),
+        (task.get("train_limit") is None or task.train_limit >= 2, "task.train_limit", task.get("train_limit"),
+         "null or >= 2"),
+        (task.get("eval_limit") is None or task.eval_limit >= 1, "task.eval_limit", task.get("eval_limit"),
+         "null or >= 1"),
+    ]
+    if cfg.method.name == "sparse":
+        checks.append((0 < cfg.method.budget <= 1, "method.budget", cfg.method.budget, "(0, 1]"))
+    for ok, key, value, allowed in checks:
+        if not ok:
+            raise UserError(f"{key}={value} is out of range: allowed {allowed}")
+
+
+class CsvLogger(TrainerCallback):
+    """Every logged value as a row (step, epoch, key, value) in log.csv; long format never needs a header rewrite."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "epoch", "key", "value"])
+            for k, v in logs.items():
+                w.writerow([state.global_step, state.epoch, k, v])
+
+
+class RunGuard(TrainerCallback):
+    """Stops cleanly on SIGTERM/SIGINT (saving a checkpoint to resume from) and on a non-finite loss;
+    records wall time at each evaluation for time-to-best-score."""
+
+    def __init__(self):
+        self.stop_signal: int | None = None
+        self.bad_loss: str | None = None
+        self.start = time.perf_counter()
+        self.eval_times: dict[int, float] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.stop_signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        log.warning("received %s: saving a checkpoint, then stopping (send again to stop at once)",
+                    signal.Signals(signum).name)
+        self.stop_signal = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop_signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.bad_loss = f"loss became {loss} at step {state.global_step}; lower method.lr or check the data"
+            control.should_training_stop = True
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.eval_times[state.global_step] = time.perf_counter() - self.start
+
+    @staticmethod
+    def restore_default_handlers():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+
+
+def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
+    t = cfg.train
+    cuda = torch.cuda.is_available() and t.device != "cpu"
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    precision = t.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    by_epoch = t.eval_every == "epoch"
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS),
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=cfg.method.lr, weight_decay=t.weight_decay, lr_scheduler_type=t.scheduler,
+        warmup_steps=float(t.warmup) if t.warmup < 1 else int(t.warmup),  # a float below 1 is a ratio
+        max_grad_norm=t.max_grad_norm, optim="adamw_torch",
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda,
+        eval_strategy="epoch" if by_epoch else "steps", save_strategy="epoch" if by_epoch else "steps",
+        eval_steps=None if by_epoch else t.eval_every, save_steps=None if by_epoch else t.eval_every,
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model=headline, greater_is_better=True,
+        logging_steps=t.logging_steps, logging_first_step=True, report_to=LOGGERS[t.logger],
+        disable_tqdm=not t.progress, seed=cfg.seed, data_seed=cfg.seed,
+        dataloader_num_workers=t.num_workers, label_names=["labels"],
+    )
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def base_record(cfg) -> dict:
+    return {"status": "running", "task": cfg.task.name, "backbone": cfg.backbone.name, "method": cfg.method.name,
+            "seed": cfg.seed, "headline_metric": cfg.task.headline_metric,
+            "config": OmegaConf.to_container(cfg, resolve=True), "versions": package_versions()}
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Train, evaluate and record one run in run_dir. Skips a completed run; resumes an interrupted one."""
+    validate_config(cfg)
+    previous = read_metrics(run_dir)
+    if previous and previous.get("status") == "completed" and not cfg.force:
+        log.info("%s already completed (force=true to rerun); skipping", run_dir)
+        return previous
+    if cfg.force and (run_dir / CHECKPOINTS).exists():
+        shutil.rmtree(run_dir / CHECKPOINTS)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.train.threads:
+        torch.set_num_threads(int(cfg.train.threads))
+    record = base_record(cfg)
+    guard = RunGuard()
+    try:
+        record = _train_and_evaluate(cfg, run_dir, record, guard, previous)
+    except Exception as e:
+        record.update(status="failed", error=f"{type(e).__name__}: {e}")
+        write_json_atomic(run_dir / METRICS_FILE, record)
+        raise
+    except KeyboardInterrupt:
+        record.update(status="interrupted", error="interrupted before a checkpoint could be saved")
+        write_json_atomic(run_dir / METRICS_FILE, record)
+        raise
+    finally:
+        RunGuard.restore_default_handlers()
+    write_json_atomic(run_dir / METRICS_FILE, record)
+    return record
+
+
+def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previous: dict | None) -> dict:
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.backbone)
+    data = load_task(cfg.task, cfg.data_dir, cfg.seed)
+    datasets, truncated = tokenize(data, tokenizer, cfg.task.max_length)
+    (run_dir / "labels.json").write_text(json.dumps(data.labels))
+    record["data"] = {"source": data.source, "num_labels": len(data.labels),
+                      "sizes": {s: len(d) for s, d in datasets.items()}, "truncated": truncated}
+
+    model = load_model(cfg.backbone, len(data.labels), tokenizer, cfg.seed)
+    method = get_method(cfg.method)
+    collator = DataCollatorWithPadding(tokenizer)
+    t0 = time.perf_counter()
+    model = method.prepare(model, context={"train": datasets["train"], "rows": data.splits["train"], "collator": collator, "cfg": cfg,
+                                           "tokenizer": tokenizer, "labels": data.labels, "run_dir": run_dir})
+    prepare_seconds = time.perf_counter() - t0
+
+    positive = data.labels.index(str(cfg.task.positive_label)) if cfg.task.get("positive_label") is not None else None
+    headline = cfg.task.headline_metric
+
+    def compute_metrics(pred):
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        return classification_metrics(logits, pred.label_ids, positive)
+
+    callbacks = [guard] + ([CsvLogger(run_dir / "log.csv")] if cfg.train.logger == "csv" else [])
+    trainer = Trainer(model=model, args=training_arguments(cfg, run_dir, headline), data_collator=collator,
+                      train_dataset=datasets["train"], eval_dataset=datasets["validation"],
+                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks)
+    resume = get_last_checkpoint(str(run_dir / CHECKPOINTS)) if (run_dir / CHECKPOINTS).is_dir() else None
+    if resume:
+        log.info("resuming from %s", resume)
+    earlier_seconds = (previous or {}).get("cost", {}).get("train_seconds", 0.0) if resume else 0.0
+
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - t0 + earlier_seconds
+    steps = trainer.state.global_step
+    record["cost"] = {"train_seconds": train_seconds, "seconds_per_step": (time.perf_counter() - t0) /
+                      max(1, steps - (int(Path(resume).name.split("-")[-1]) if resume else 0)),
+                      "steps": steps, "prepare_seconds": prepare_seconds + (previous or {}).get("cost", {}).get(
+                          "prepare_seconds", 0.0) * bool(resume),
+                      **count_params(model), **method.cost_extra()}
+    if guard.bad_loss:
+        raise FloatingPointError(guard.bad_loss)
+    if guard.stop_signal is not None:
+        record.update(status="interrupted", error=f"stopped by {signal.Signals(guard.stop_signal).name}; "
+                                                  "rerun the same command to resume")
+        record["cost"]["peak_memory_mb"] = peak_memory_mb()
+        return record
+
+    metrics = {}
+    for split in ("validation", "test"):
+        res = trainer.evaluate(datasets[split], metric_key_prefix=split)
+        metrics[split] = {k[len(split) + 1:]: v for k, v in res.items()
+                          if k[len(split) + 1:] in ("accuracy", "macro_f1", "f1", "loss")}
+    record["metrics"] = metrics
+    record["history"] = [{"step": e["step"], "epoch": e.get("epoch"), headline: e.get(f"eval_{headline}"),
+                          "seconds": guard.eval_times.get(e["step"])}
+                         for e in trainer.state.log_history if f"eval_{headline}" in e]
+    model_dir = run_dir / MODEL_DIR
+    method.save(trainer.model, model_dir)
+    record["weights_sha256"] = file_sha256(model_dir / WEIGHTS)
+    record["cost"].update(peak_memory_mb=peak_memory_mb(), checkpoint_mb=dir_mb(model_dir),
+                          total_seconds=record["cost"]["train_seconds"] + prepare_seconds)
+    if not cfg.train.keep_checkpoints:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    record["status"] = "completed"
+    log.info("%s %s %s seed %s: test %s", cfg.task.name, cfg.backbone.name, cfg.method.name, cfg.seed,
+             metrics["test"])
+    return record

@@ -1,0 +1,52 @@
+"""The comparison table and the atomic result write."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sparsetune_cli.results import classification_metrics, collect, comparison_table, write_json_atomic
+
+
+def record(method, task, seed, acc, status="completed"):
+    return {"status": status, "task": task, "backbone": "minilm", "method": method, "seed": seed,
+            "headline_metric": "accuracy", "metrics": {"test": {"accuracy": acc, "macro_f1": acc / 2}}}
+
+
+def test_table_means_and_stds_over_seeds(tmp_path):
+    recs = [record("sparse", "intent", s, a) for s, a in enumerate([0.90, 0.92, 0.94])]
+    recs += [record("full", "intent", 0, 0.80), record("full", "trec", 0, 0.70)]
+    recs.append(record("full", "trec", 1, 0.10, status="failed"))
+    for i, r in enumerate(recs):
+        write_json_atomic(tmp_path / f"r{i}" / "metrics.json", r)
+    found = collect([tmp_path])
+    assert len(found) == 5                          # the failed run is left out
+    display, stats = comparison_table(found)
+    row = stats[(stats.method == "sparse") & (stats.task == "intent")].iloc[0]
+    assert row["mean"] == pytest.approx(0.92) and row["std"] == pytest.approx(0.02) and row["count"] == 3
+    assert display.loc["sparse", "intent"].startswith("0.9200 ± 0.0200")
+    assert display.loc["sparse", "trec"] == ""      # no sparse run on trec
+    _, stats = comparison_table(found, metric="macro_f1")
+    assert stats[(stats.method == "full") & (stats.task == "trec")]["mean"].iloc[0] == pytest.approx(0.35)
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_json_atomic(path, {"status": "completed"})
+
+    class Boom:
+        def __repr__(self):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        write_json_atomic(path, {"status": "running", "bad": Boom()})
+    assert json.loads(path.read_text()) == {"status": "completed"}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_metrics_count_unseen_labels_as_wrong_and_f1_of_positive_class():
+    logits = np.eye(2)[[0, 1, 1, 0]]
+    labels = np.array([0, 1, 0, -100])
+    m = classification_metrics(logits, labels, positive=1)
+    assert m["accuracy"] == 0.5
+    assert m["f1"] == pytest.approx(2 / 3)         # precision 1/2, recall 1/1

@@ -1,0 +1,98 @@
+"""One real (tiny-model) run end to end through the CLI: result schema, skip/resume, table, predict."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+BIN = Path(sys.executable).parent / "sparsetune"
+
+
+def cli(*args, check=True, **kw):
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, check=check, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs")
+    args = ["run", "backbone=tiny-encoder", "method=full", f"output_root={out}", f"data_dir={data_dir}", *TINY]
+    proc = cli(*args)
+    runs = list(out.rglob("metrics.json"))
+    assert len(runs) == 1, proc.stderr[-2000:]
+    return runs[0].parent, args
+
+
+def test_result_schema(finished_run):
+    run_dir, _ = finished_run
+    rec = json.loads((run_dir / "metrics.json").read_text())
+    assert rec["status"] == "completed"
+    assert (rec["task"], rec["backbone"], rec["method"], rec["seed"]) == ("intent", "tiny-encoder", "full", 0)
+    for split in ("validation", "test"):
+        assert {"accuracy", "macro_f1"} <= set(rec["metrics"][split])
+        assert 0 <= rec["metrics"][split]["accuracy"] <= 1
+    cost = rec["cost"]
+    for key in ("train_seconds", "seconds_per_step", "trainable_params", "total_params", "peak_memory_mb",
+                "checkpoint_mb"):
+        assert cost[key] > 0, key
+    assert cost["trainable_params"] == cost["total_params"]            # full finetuning trains everything
+    assert {"python", "torch", "transformers", "peft", "datasets", "sparsetune", "git_commit"} <= set(rec["versions"])
+    assert rec["config"]["train"]["epochs"] == 1 and rec["config"]["seed"] == 0
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "log.csv").is_file()
+    assert not (run_dir / "checkpoints").exists()                      # pruned after completion
+    assert rec["history"] and rec["history"][-1]["step"] == cost["steps"]
+
+
+def test_run_folder_is_a_function_of_the_config(finished_run):
+    run_dir, _ = finished_run
+    parts = run_dir.parts
+    assert parts[-5:-2] == ("intent", "tiny-encoder", "full") and parts[-1] == "seed0"
+
+
+def test_rerunning_a_completed_run_skips_it(finished_run):
+    run_dir, args = finished_run
+    before = (run_dir / "metrics.json").read_text()
+    proc = cli(*args)
+    assert "already completed" in proc.stdout + proc.stderr
+    assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_table_prints_and_writes_csv(finished_run):
+    run_dir, _ = finished_run
+    root = run_dir.parents[4]
+    proc = cli("table", str(root))
+    assert "| full" in proc.stdout and "intent" in proc.stdout and "(n=1)" in proc.stdout
+    assert (root / "comparison.csv").is_file()
+
+
+def test_predict_labels_texts(finished_run):
+    run_dir, _ = finished_run
+    labels = json.loads((run_dir / "labels.json").read_text())
+    proc = cli("predict", str(run_dir), "what is my bank balance", "book a flight")
+    assert [line in labels for line in proc.stdout.splitlines()] == [True, True]
+    proc = cli("predict", str(run_dir), "--json", input="hello there\n")
+    out = json.loads(proc.stdout)
+    assert out["label"] in labels and abs(sum(out["probabilities"].values()) - 1) < 1 or len(out["probabilities"]) == 3
+
+
+def test_predict_refuses_a_changed_weights_file(finished_run, tmp_path):
+    import shutil
+    run_dir, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    with open(copy / "model" / "trained.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x00\x00\x01")
+    proc = cli("predict", str(copy), "hello", check=False)
+    assert proc.returncode == 2 and "does not match the checksum" in proc.stderr
+
+
+def test_bad_config_fails_in_one_line_before_loading(tmp_path):
+    proc = cli("run", "backbone=tiny-encoder", f"output_root={tmp_path}", "train.batch_size=0", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "sparsetune: error: train.batch_size=0 is out of range: allowed >= 1"
