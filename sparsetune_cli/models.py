@@ -60,7 +60,14 @@ def load_model(backbone, num_labels: int, tokenizer, seed: int = 0):
         config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer),
                                       max_position_embeddings=backbone.max_positions,
                                       num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **spec)
+        torch.manual_seed(0)  # the random "pretrained" backbone is the same for every run, like real weights
         model = AutoModelForSequenceClassification.from_config(config)
+        torch.manual_seed(seed)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and re.search(r"(^|\.)(classifier|score)$", name):
+                torch.nn.init.normal_(module.weight, std=config.initializer_range)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
     else:
         where = weights_location(backbone)
         try:

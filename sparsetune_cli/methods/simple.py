@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from ..models import transformer_blocks
+from ..models import is_head, transformer_blocks
 from .base import Method, freeze_all_but
 
 
@@ -26,11 +26,13 @@ class HeadOnly(Method):
 
 
 class BitFit(Method):
-    """Biases of the backbone plus the head (Ben Zaken et al., 2022)."""
+    """Biases of the backbone plus the head (Ben Zaken et al., 2022). Backbones without biases
+    (Llama-style decoders) train their normalization gains instead, the nearest equivalent."""
     name = "bitfit"
 
     def prepare(self, model, context=None, state=None):
-        freeze_all_but(model, lambda name: name.endswith(".bias"))
+        has_bias = any(n.endswith(".bias") and not is_head(n) for n, _ in model.named_parameters())
+        freeze_all_but(model, (lambda n: n.endswith(".bias")) if has_bias else (lambda n: "norm" in n.lower()))
         return model
 
 

@@ -1,0 +1,97 @@
+"""Every method on a tiny encoder and a tiny decoder: only the intended parameters change, and
+save -> reload gives the same predictions."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose
+from sparsetune_cli.data import load_task, tokenize
+from sparsetune_cli.methods import METHODS, get_method
+from sparsetune_cli.models import is_head, load_model, load_tokenizer
+from transformers import DataCollatorWithPadding
+
+BACKBONES = ["tiny-encoder", "tiny-decoder"]
+
+
+def setup(backbone, method, data_dir, extra=()):
+    cfg = compose([f"backbone={backbone}", f"method={method}", "task=banking77", f"data_dir={data_dir}",
+                   "task.train_limit=160", "task.eval_limit=16", "train.batch_size=16", *extra])
+    tok = load_tokenizer(cfg.backbone)
+    data = load_task(cfg.task, cfg.data_dir)
+    ds, _ = tokenize(data, tok, cfg.task.max_length)
+    collator = DataCollatorWithPadding(tok)
+    context = {"train": ds["train"], "rows": data.splits["train"], "collator": collator, "cfg": cfg,
+               "tokenizer": tok, "labels": data.labels, "run_dir": None}
+    return cfg, tok, data, ds, collator, context
+
+
+def train_steps(model, ds, collator, lr, steps=4):
+    """AdamW with weight decay over what the method left trainable (what the Trainer does)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    model.train()
+    for i in range(steps):
+        batch = collator([ds[j] for j in range(i * 16, i * 16 + 16)])
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def base_name(name: str) -> str:
+    """Parameter name in the plain backbone (peft prefixes removed)."""
+    for prefix in ("base_model.model.",):
+        name = name.removeprefix(prefix)
+    return name.replace(".base_layer", "").replace(".original_module", "")
+
+
+INTENDED = {  # which plain-backbone parameters may change (besides the head)
+    "full": lambda n, state: True,
+    "head_only": lambda n, state: False,
+    "bitfit": lambda n, state: n.endswith(".bias") or "norm" in n,   # norms only where there is no bias
+    "layer_select": lambda n, state: any(f"layers.{b}." in n or f"layer.{b}." in n for b in state["blocks"]),
+    "lora": lambda n, state: False,       # adapters are new parameters: base weights stay put
+    "prefix": lambda n, state: False,
+    "sparse": lambda n, state: False,     # deltas are separate tensors: W itself never changes
+}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_method_trains_only_what_it_should_and_reloads(backbone, method_name, data_dir, tmp_path):
+    cfg, tok, data, ds, collator, context = setup(backbone, method_name, data_dir)
+    base = load_model(cfg.backbone, len(data.labels), tok, seed=0)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    method = get_method(cfg.method)
+    model = method.prepare(base, context=context)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and any(is_head(n) for n in trainable), "the head always trains"
+    train_steps(model, ds["train"], collator, lr=1e-2)
+
+    changed = set()
+    for n, p in model.named_parameters():
+        plain = base_name(n)
+        if plain in before and not torch.equal(p.detach(), before[plain]):
+            changed.add(plain)
+    state = method.state
+    for n in before:
+        if is_head(n):
+            continue
+        if n in changed:
+            assert INTENDED[method_name](n, state), f"{method_name} changed frozen {n}"
+    if method_name in ("full", "bitfit", "layer_select"):
+        assert any(not is_head(n) for n in changed), "the backbone part did not train"
+    if method_name in ("lora", "prefix", "sparse"):
+        new = [n for n, p in model.named_parameters() if p.requires_grad and not is_head(n)]
+        assert new and all(n not in before for n in new)
+
+    model.eval()
+    probe = collator([ds["test"][i] for i in range(8)])
+    with torch.no_grad():
+        expected = model(**probe).logits
+    method.save(model, tmp_path)
+    fresh = load_model(cfg.backbone, len(data.labels), tok, seed=123)     # different head init on purpose
+    reloaded = get_method(cfg.method).load(fresh, tmp_path).eval()
+    with torch.no_grad():
+        got = reloaded(**probe).logits
+    torch.testing.assert_close(got, expected)

@@ -1,0 +1,121 @@
+"""The sparse method: frozen weights stay bit-identical, merge gives the same logits with the base
+architecture, the budget holds, every selector runs, the backward stops at the selected depth,
+and the token report of a real task reads as its semantics."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from conftest import run_tiny
+from sparsetune_cli.methods import count_params, get_method
+from sparsetune_cli.methods.sparse import SELECTORS, RowDeltaLinear
+from sparsetune_cli.models import is_head, load_model, transformer_blocks
+from sparsetune_cli.predict import load_run, merge
+from test_methods import setup
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("sparse")
+    record, run_dir = run_tiny(tmp, ["method=sparse", "task=banking77", f"data_dir={data_dir}", "method.budget=0.005",
+                                     "method.lr=1e-2"])
+    assert record["status"] == "completed"
+    return record, run_dir
+
+
+def test_weights_outside_selected_rows_are_bit_identical_after_training(sparse_run, tmp_path):
+    record, run_dir = sparse_run
+    run = load_run(run_dir)
+    base = load_model(run.cfg.backbone, len(run.labels), run.tokenizer, seed=0).state_dict()
+    rows = json.loads((run_dir / "model" / "method_state.json").read_text())["state"]["rows"]
+    merged = run.method.export(run.model).state_dict()
+    changed_rows = 0
+    for name, tensor in merged.items():
+        if is_head(name):
+            continue
+        module = name.rsplit(".", 1)[0]
+        if module in rows and name.endswith(".weight"):
+            selected = torch.zeros(tensor.shape[0], dtype=torch.bool)
+            selected[rows[module]] = True
+            assert torch.equal(tensor[~selected], base[name][~selected]), name
+            changed_rows += int((tensor[selected] != base[name][selected]).any(1).sum())
+        else:
+            assert torch.equal(tensor, base[name]), f"{name} drifted"
+    assert changed_rows > 0, "no selected row was trained"
+
+
+def test_merged_model_loads_without_sparsetune_and_gives_the_same_logits(sparse_run, tmp_path):
+    _, run_dir = sparse_run
+    run = load_run(run_dir)
+    batch = run.tokenizer(["I lost my card", "how do I top up by transfer"], padding=True, return_tensors="pt")
+    batch = {k: v for k, v in batch.items() if k != "token_type_ids" or "token_type_ids" in batch}
+    with torch.no_grad():
+        sparse_logits = run.model(**batch).logits
+    merge(run, tmp_path / "merged")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any(isinstance(m, RowDeltaLinear) for m in plain.modules())
+    base = load_model(run.cfg.backbone, len(run.labels), run.tokenizer)
+    assert type(plain) is type(base)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, sparse_logits, rtol=1e-5, atol=1e-5)
+    assert plain.config.id2label[0] == run.labels[0]
+
+
+def test_selection_respects_the_budget_and_is_recorded(sparse_run):
+    record, run_dir = sparse_run
+    state = json.loads((run_dir / "model" / "method_state.json").read_text())["state"]
+    assert 0 < state["selected_params"] <= 0.005 * state["backbone_params"]
+    assert record["cost"]["trainable_params_without_head"] == state["selected_params"]
+    assert record["cost"]["mining_seconds"] > 0 and record["cost"]["probe_seconds"] > 0
+    assert (run_dir / "token_groups.md").is_file() and (run_dir / "token_groups.json").is_file()
+
+
+@pytest.mark.parametrize("backbone", ["tiny-encoder", "tiny-decoder"])
+def test_every_selector_runs_within_budget(backbone, data_dir):
+    selections = {}
+    for selector in SELECTORS:
+        cfg, tok, data, ds, collator, context = setup(backbone, "sparse", data_dir,
+                                                      [f"method.selector={selector}", "method.budget=0.005",
+                                                       "method.probe_batches=2"])
+        model = load_model(cfg.backbone, len(data.labels), tok)
+        method = get_method(cfg.method)
+        model = method.prepare(model, context=context)
+        state = method.state
+        assert 0 < state["selected_params"] <= 0.005 * state["backbone_params"]
+        assert count_params(model)["trainable_params_without_head"] == state["selected_params"]
+        selections[selector] = state["rows"]
+    assert len({json.dumps(s, sort_keys=True) for s in selections.values()}) == len(SELECTORS)
+
+
+def test_no_backward_below_the_selected_depth(data_dir):
+    cfg, tok, data, ds, collator, context = setup("tiny-encoder", "sparse", data_dir,
+                                                  ["method.depth=1", "method.probe_batches=2"])
+    model = get_method(cfg.method).prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
+    blocks = transformer_blocks(model)
+    assert all(name.startswith(blocks[-1][0] + ".") for name in context_rows(model))
+    seen = {}
+    blocks[0][1].register_forward_hook(lambda m, i, o: seen.setdefault("bottom", o[0] if isinstance(o, tuple) else o))
+    blocks[-1][1].register_forward_hook(lambda m, i, o: seen.setdefault("top", o[0] if isinstance(o, tuple) else o))
+    model(**collator([ds["train"][i] for i in range(4)]))
+    assert not seen["bottom"].requires_grad and seen["top"].requires_grad
+
+
+def context_rows(model):
+    return [n for n, m in model.named_modules() if isinstance(m, RowDeltaLinear)]
+
+
+def test_token_report_of_banking77_reads_as_its_classes(data_dir):
+    from conftest import compose
+    from sparsetune_cli.tokens import token_report
+    report = token_report(compose(["task=banking77", f"data_dir={data_dir}"]))
+    per_class = {c: " ".join(e["group"] for e in entries) for c, entries in report["per_class"].items()}
+    assert "card" in per_class["card_arrival"] or "arrive" in per_class["card_arrival"]
+    assert "top" in per_class["top_up_failed"] or "top" in per_class["top_up_reverted"]
+    assert "transfer" in per_class["transfer_not_received_by_recipient"] + per_class["transfer_timing"]
+    assert "pin" in per_class["change_pin"]
+    assert "exchange" in per_class["exchange_rate"] or "rate" in per_class["exchange_rate"]
+    assert "# Token groups" in report["markdown"] and "| change_pin |" in report["markdown"]
