@@ -99,7 +99,7 @@ def collect(dirs: list[str | Path], status: str = "completed") -> list[dict]:
 def flatten(rec: dict) -> dict:
     """One flat row per run: identity, every split's metrics and every cost figure."""
     row = {k: rec.get(k) for k in ("task", "backbone", "method", "seed", "run_dir")}
-    row["variant"] = rec.get("variant", "")
+    row["variant"] = rec.get("variant") or Path(rec.get("run_dir", ".")).parent.name
     for split, metrics in (rec.get("metrics") or {}).items():
         for k, v in metrics.items():
             row[f"{split}.{k}"] = v

@@ -85,7 +85,9 @@ class RunGuard(TrainerCallback):
     """Stops cleanly on SIGTERM/SIGINT (saving a checkpoint to resume from) and on a non-finite loss;
     records wall time at each evaluation for time-to-best-score."""
 
-    def __init__(self):
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._step_calls = (-1, 0)  # (global step, micro-batch index within it)
         self.stop_signal: int | None = None
         self.bad_loss: str | None = None
         self.start = time.perf_counter()
@@ -99,6 +101,14 @@ class RunGuard(TrainerCallback):
         log.warning("received %s: saving a checkpoint, then stopping (send again to stop at once)",
                     signal.Signals(signum).name)
         self.stop_signal = signum
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Dropout randomness is a function of (seed, step), not of the process history, so a run
+        # resumed mid-epoch draws the same masks as an uninterrupted one (Trainer's own RNG restore
+        # lands a few draws off).
+        step, i = self._step_calls
+        self._step_calls = (state.global_step, i + 1 if step == state.global_step else 0)
+        torch.manual_seed((self.seed * 1_000_003 + state.global_step) * 64 + self._step_calls[1])
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.stop_signal is not None:
@@ -144,6 +154,7 @@ def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
         logging_steps=t.logging_steps, logging_first_step=True, report_to=LOGGERS[t.logger],
         disable_tqdm=not t.progress, seed=cfg.seed, data_seed=cfg.seed,
         dataloader_num_workers=t.num_workers, label_names=["labels"],
+        logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
     )
 
 
@@ -177,7 +188,8 @@ def run(cfg, run_dir: Path) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     record = base_record(cfg)
-    guard = RunGuard()
+    record["variant"] = run_dir.parent.name   # the overrides that name this run (e.g. method.lr=0.001)
+    guard = RunGuard(cfg.seed)
     try:
         record = _train_and_evaluate(cfg, run_dir, record, guard, previous)
     except Exception as e:

@@ -1,0 +1,240 @@
+"""Training-step and inference cost of every method, side by side in one process, as ratios to full finetuning.
+
+All methods get the same fixed batches (real task text padded to --seq-len). Timing rounds are
+interleaved (one step of each method per round) so a load change on the shared CPU hits every
+method alike; the median over rounds after warm-up is reported. Peak memory is measured per
+method in a child process (RSS on CPU, max allocated on CUDA), since one process's RSS cannot be
+split between methods. Writes JSON and a Markdown table.
+
+    python scripts/bench.py                 # MiniLM, batch 32 x 64 tokens, 20 timed steps
+    python scripts/bench.py --quick         # under a minute: fewer steps and methods' memory skipped
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from sparsetune_cli.cli import compose  # noqa: E402
+from sparsetune_cli.data import load_task, tokenize  # noqa: E402
+from sparsetune_cli.methods import count_params, get_method  # noqa: E402
+from sparsetune_cli.models import load_model, load_tokenizer  # noqa: E402
+
+TRAIN_METHODS = ["full", "sparse", "lora", "layer_select", "prefix", "bitfit", "head_only"]
+
+
+def build(args, method_name: str, overrides=()):
+    """A model prepared by the method, its optimizer, and the fixed batches."""
+    cfg = compose([f"backbone={args.backbone}", f"method={method_name}", f"task={args.task}",
+                   f"train.batch_size={args.batch_size}", f"task.max_length={args.seq_len}",
+                   f"task.train_limit={max(args.batch_size * 20, 400)}", *overrides])
+    tok = load_tokenizer(cfg.backbone)
+    data = load_task(cfg.task, cfg.data_dir)
+    ds, _ = tokenize(data, tok, args.seq_len)
+    # Every batch exactly batch_size x seq_len: pad to the full length so methods see equal work.
+    rows = [ds["train"][i] for i in range(args.batch_size * args.batches)]
+    batches = []
+    for b in range(args.batches):
+        chunk = rows[b * args.batch_size:(b + 1) * args.batch_size]
+        batches.append(tok.pad(chunk, padding="max_length", max_length=args.seq_len, return_tensors="pt"))
+    from transformers import DataCollatorWithPadding
+    model = load_model(cfg.backbone, len(data.labels), tok, seed=0)
+    method = get_method(cfg.method)
+    context = {"train": ds["train"], "rows": data.splits["train"], "collator": DataCollatorWithPadding(tok),
+               "cfg": cfg, "tokenizer": tok, "labels": data.labels, "run_dir": None}
+    model = method.prepare(model, context=context)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.method.lr, weight_decay=0.01)
+    return model, method, opt, batches
+
+
+def train_step(model, opt, batch):
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def forward_only(model, batch):
+    model.train()  # same dropout work as a training step's forward
+    model(**batch)
+
+
+@torch.no_grad()
+def infer(model, batch):
+    model.eval()
+    model(**batch)
+
+
+def optimizer_state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def timed(fn, *a) -> float:
+    t0 = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t0
+
+
+def interleaved(jobs: dict, steps: int, warmup: int, batches) -> dict[str, float]:
+    """Median seconds per call of each job, one call of every job per round."""
+    times = {k: [] for k in jobs}
+    for r in range(warmup + steps):
+        batch = batches[r % len(batches)]
+        for name, fn in jobs.items():
+            t = timed(fn, batch)
+            if r >= warmup:
+                times[name].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def memory_child(args, method_name: str) -> float:
+    """Peak memory of a few training steps of one method, in a fresh process."""
+    cmd = [sys.executable, __file__, "--memory-of", method_name, "--backbone", args.backbone, "--task", args.task,
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def peak_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_memory_child(args):
+    args.batches = 2
+    if args.memory_of == "forward_only":
+        model, _, _, batches = build(args, "full")
+        base = peak_mb()
+        for b in batches * 2:
+            forward_only(model, b)
+    else:
+        model, _, opt, batches = build(args, args.memory_of)
+        base = peak_mb()
+        for b in batches * 2:
+            train_step(model, opt, b)
+    # Peak of the whole process, and the part added by training itself (above the loaded model).
+    print(json.dumps({"peak_mb": peak_mb(), "base_mb": base}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="minilm")
+    p.add_argument("--task", default="intent")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batches", type=int, default=4, help="distinct fixed batches cycled through")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--methods", default=",".join(TRAIN_METHODS))
+    p.add_argument("--quick", action="store_true", help="5 steps, 1 warm-up, no memory children")
+    p.add_argument("--out", default=str(REPO / "results" / "bench"))
+    p.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        return run_memory_child(args)
+    if args.quick:
+        args.steps, args.warmup, args.batches = 5, 1, 2
+    methods = args.methods.split(",")
+    assert "full" in methods, "ratios are to full finetuning: keep it in --methods"
+
+    built = {m: build(args, m) for m in methods}
+    batches = built["full"][3]
+    jobs = {m: (lambda b, m=m: train_step(built[m][0], built[m][2], b)) for m in methods}
+    jobs["forward_only"] = lambda b: forward_only(built["full"][0], b)
+    step = interleaved(jobs, args.steps, args.warmup, batches)
+
+    rows = {}
+    for m in methods:
+        model, method, opt, _ = built[m]
+        counts = count_params(model)
+        rows[m] = {"step_seconds": step[m], "trainable_params": counts["trainable_params"],
+                   "trainable_params_without_head": counts["trainable_params_without_head"],
+                   "optimizer_state_bytes": optimizer_state_bytes(opt)}
+    rows["forward_only"] = {"step_seconds": step["forward_only"]}
+    if not args.quick:
+        for m in methods + ["forward_only"]:
+            rows[m]["peak_memory_mb"] = memory_child(args, m)
+
+    # Inference throughput of the trained models: base vs merged sparse vs LoRA (un)merged vs prefix.
+    infer_models = {"base": load_model(compose([f"backbone={args.backbone}"]).backbone,
+                                       built["full"][0].config.num_labels, load_tokenizer(
+                                           compose([f"backbone={args.backbone}"]).backbone))}
+    if "sparse" in built:
+        infer_models["sparse_merged"] = built["sparse"][1].export(built["sparse"][0])
+    if "lora" in built:
+        infer_models["lora_unmerged"] = built["lora"][0]
+    if "prefix" in built:
+        infer_models["prefix"] = built["prefix"][0]
+    infer_jobs = {k: (lambda b, m=m: infer(m, b)) for k, m in infer_models.items()}
+    inf = interleaved(infer_jobs, args.steps, args.warmup, batches)
+    if "lora" in built:  # merge after the unmerged timing: merge_and_unload changes the module in place
+        merged = built["lora"][0].merge_and_unload()
+        inf.update(interleaved({"base": infer_jobs["base"], "lora_merged": lambda b: infer(merged, b)},
+                               args.steps, args.warmup, batches))
+    throughput = {k: args.batch_size / v for k, v in inf.items()}
+
+    full = rows["full"]
+    for r in rows.values():
+        r["step_ratio"] = r["step_seconds"] / full["step_seconds"]
+        if "peak_memory_mb" in r:
+            r["memory_ratio"] = r["peak_memory_mb"] / full["peak_memory_mb"]
+        if "optimizer_state_bytes" in r:
+            r["optimizer_state_ratio"] = r["optimizer_state_bytes"] / max(1, full["optimizer_state_bytes"])
+    result = {"settings": {k: v for k, v in vars(args).items() if k != "memory_of"},
+              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.is_available(), "python": platform.python_version(),
+                          "torch": torch.__version__, "load_average": os.getloadavg()},
+              "train": rows, "inference_examples_per_second": throughput,
+              "inference_ratio_to_base": {k: v / throughput["base"] for k, v in throughput.items()}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    md = markdown(result, " ".join(sys.argv[1:]))
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+def markdown(result, argv: str) -> str:
+    s = result["settings"]
+    lines = [f"# Training and inference cost ({s['backbone']}, batch {s['batch_size']} x {s['seq_len']} tokens)", "",
+             f"Command: `python scripts/bench.py {argv}`. Machine: {result['machine']['cpus']} CPUs, "
+             f"{result['machine']['torch_threads']} torch threads, CUDA {result['machine']['cuda']}, "
+             f"load average at the end {tuple(round(x, 2) for x in result['machine']['load_average'])}. "
+             f"Median of {s['steps']} interleaved steps after {s['warmup']} warm-up.", "",
+             "| method | step s | step ÷ full | peak MB | memory ÷ full | optimizer state MB | trainable (no head) |",
+             "|---|---|---|---|---|---|---|"]
+    for m, r in result["train"].items():
+        mem = f"{r['peak_memory_mb']:.0f} | {r['memory_ratio']:.2f}" if "peak_memory_mb" in r else "- | -"
+        opt = f"{r['optimizer_state_bytes'] / 2**20:.2f}" if "optimizer_state_bytes" in r else "-"
+        tp = f"{r['trainable_params']:,} ({r['trainable_params_without_head']:,})" if "trainable_params" in r else "-"
+        lines.append(f"| {m} | {r['step_seconds']:.3f} | {r['step_ratio']:.2f} | {mem} | {opt} | {tp} |")
+    lines += ["", "| model (inference) | examples/s | ÷ base |", "|---|---|---|"]
+    for k, v in result["inference_examples_per_second"].items():
+        lines.append(f"| {k} | {v:.0f} | {result['inference_ratio_to_base'][k]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Faults lose nothing: SIGTERM then rerun equals an uninterrupted run; same seed, same metrics;
+a diverging loss fails the run with the reason."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_tiny
+
+BIN = Path(sys.executable).parent / "sparsetune"
+LONG = ["backbone=tiny-encoder", "method=full", "task=banking77", "task.train_limit=600", "task.eval_limit=100",
+        "train.epochs=2", "train.batch_size=8", "train.logging_steps=5", "train.progress=false", "method.lr=1e-3"]
+
+
+def metrics_of(root: Path) -> dict:
+    (path,) = list(root.rglob("metrics.json"))
+    return json.loads(path.read_text())
+
+
+def test_sigterm_saves_and_rerun_resumes_to_the_same_result(tmp_path, data_dir):
+    ref = subprocess.run([str(BIN), "run", *LONG, f"output_root={tmp_path / 'ref'}", f"data_dir={data_dir}"],
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "cut"
+    args = [str(BIN), "run", *LONG, f"output_root={out}", f"data_dir={data_dir}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:       # wait until training is well into the first epoch
+        logs = list(out.rglob("log.csv"))
+        if logs and any(line.startswith(("40,", "45,", "50,")) for line in logs[0].read_text().splitlines()):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    cut = metrics_of(out)
+    assert cut["status"] == "interrupted" and "resume" in cut["error"]
+    assert list(out.rglob("checkpoint-*")), "no checkpoint was saved on SIGTERM"
+    assert 0 < cut["cost"]["steps"] < metrics_of(tmp_path / "ref")["cost"]["steps"]
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    done, want = metrics_of(out), metrics_of(tmp_path / "ref")
+    assert done["status"] == "completed" and done["cost"]["steps"] == want["cost"]["steps"]
+    for split in ("validation", "test"):
+        for key, value in want["metrics"][split].items():
+            assert done["metrics"][split][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (split, key)
+
+
+def test_same_seed_gives_identical_metrics(tmp_path, data_dir):
+    a, _ = run_tiny(tmp_path / "a", ["method=sparse", f"data_dir={data_dir}", "method.budget=0.005"])
+    b, _ = run_tiny(tmp_path / "b", ["method=sparse", f"data_dir={data_dir}", "method.budget=0.005"])
+    assert a["metrics"] == b["metrics"]
+    c, _ = run_tiny(tmp_path / "c", ["method=sparse", f"data_dir={data_dir}", "method.budget=0.005", "seed=1"])
+    assert c["metrics"] != a["metrics"]
+
+
+def test_diverging_loss_fails_the_run_with_the_reason(tmp_path, data_dir):
+    with pytest.raises(FloatingPointError, match="loss became"):
+        run_tiny(tmp_path, ["method=full", f"data_dir={data_dir}", "method.lr=1e12", "train.logging_steps=1",
+                            "train.max_grad_norm=1e30", "train.warmup=0"])
+    rec = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert rec["status"] == "failed" and "lower method.lr" in rec["error"]
