@@ -192,6 +192,12 @@ def run(cfg, run_dir: Path) -> dict:
     guard = RunGuard(cfg.seed)
     try:
         record = _train_and_evaluate(cfg, run_dir, record, guard, previous)
+    except torch.cuda.OutOfMemoryError:
+        message = (f"out of GPU memory: lower train.batch_size (now {cfg.train.batch_size}, raise train.grad_accum "
+                   f"to keep the effective batch) or task.max_length (now {cfg.task.max_length})")
+        record.update(status="failed", error=message)
+        write_json_atomic(run_dir / METRICS_FILE, record)
+        raise UserError(message) from None
     except Exception as e:
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
         write_json_atomic(run_dir / METRICS_FILE, record)
