@@ -243,16 +243,16 @@ def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previ
     resume = get_last_checkpoint(str(run_dir / CHECKPOINTS)) if (run_dir / CHECKPOINTS).is_dir() else None
     if resume:
         log.info("resuming from %s", resume)
-    earlier_seconds = (previous or {}).get("cost", {}).get("train_seconds", 0.0) if resume else 0.0
+    earlier = (previous or {}).get("cost", {}) if resume else {}   # time spent before the interruption
+    start_step = int(resume.rsplit("-", 1)[-1]) if resume else 0
 
     t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=resume)
-    train_seconds = time.perf_counter() - t0 + earlier_seconds
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0   # includes the per-epoch validation passes
     steps = trainer.state.global_step
-    record["cost"] = {"train_seconds": train_seconds, "seconds_per_step": (time.perf_counter() - t0) /
-                      max(1, steps - (int(Path(resume).name.split("-")[-1]) if resume else 0)),
-                      "steps": steps, "prepare_seconds": prepare_seconds + (previous or {}).get("cost", {}).get(
-                          "prepare_seconds", 0.0) * bool(resume),
+    record["cost"] = {"train_seconds": seconds + earlier.get("train_seconds", 0.0),
+                      "seconds_per_step": seconds / max(1, steps - start_step), "steps": steps,
+                      "prepare_seconds": prepare_seconds + earlier.get("prepare_seconds", 0.0),
                       **count_params(model), **method.cost_extra()}
     if guard.bad_loss:
         raise FloatingPointError(guard.bad_loss)
@@ -275,7 +275,7 @@ def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previ
     method.save(trainer.model, model_dir)
     record["weights_sha256"] = file_sha256(model_dir / WEIGHTS)
     record["cost"].update(peak_memory_mb=peak_memory_mb(), checkpoint_mb=dir_mb(model_dir),
-                          total_seconds=record["cost"]["train_seconds"] + prepare_seconds)
+                          total_seconds=record["cost"]["train_seconds"] + record["cost"]["prepare_seconds"])
     if not cfg.train.keep_checkpoints:
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     record["status"] = "completed"

@@ -162,6 +162,9 @@ class Sparse(Method):
                 (run_dir / "token_groups.json").write_text(json.dumps(
                     {"groups": report["groups"], "per_class": report["per_class"]}, indent=1))
         self.timings["mining_seconds"] = time.perf_counter() - t0
+        if groups is not None and not groups.groups:
+            log.warning("no token group reaches min_count=%d: the probe uses all positions", cfg.min_count)
+            groups = None
 
         t0 = time.perf_counter()
         if cfg.selector in ("token", "all_positions"):
