@@ -95,3 +95,28 @@ def test_method_trains_only_what_it_should_and_reloads(backbone, method_name, da
     with torch.no_grad():
         got = reloaded(**probe).logits
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("method_name", ["full", "lora", "layer_select", "bitfit", "head_only"])
+def test_export_gives_a_plain_model_with_the_same_logits(method_name, data_dir):
+    cfg, tok, data, ds, collator, context = setup("tiny-encoder", method_name, data_dir)
+    method = get_method(cfg.method)
+    model = method.prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
+    train_steps(model, ds["train"], collator, lr=1e-2, steps=2)
+    model.eval()
+    batch = collator([ds["test"][i] for i in range(4)])
+    with torch.no_grad():
+        expected = model(**batch).logits
+        plain = method.export(model)
+        base = load_model(cfg.backbone, len(data.labels), tok)
+        assert type(plain) is type(base) and plain.state_dict().keys() == base.state_dict().keys()
+        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_export_says_why_it_cannot_merge(data_dir):
+    from sparsetune_cli.errors import UserError
+    cfg, tok, data, ds, collator, context = setup("tiny-encoder", "prefix", data_dir)
+    method = get_method(cfg.method)
+    model = method.prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
+    with pytest.raises(UserError, match="cannot be merged"):
+        method.export(model)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
+from ..errors import UserError
 from .base import Method
 
 
@@ -21,6 +22,10 @@ class Lora(Method):
                             modules_to_save=_head_modules(model))
         return get_peft_model(model, config)
 
+    def export(self, model):
+        """Fold the adapter into the base weights: a plain model with no inference overhead."""
+        return model.merge_and_unload()
+
 
 class Prefix(Method):
     name = "prefix"
@@ -30,3 +35,7 @@ class Prefix(Method):
                                     prefix_projection=bool(self.cfg.get("projection", False)),
                                     modules_to_save=_head_modules(model))
         return get_peft_model(model, config)
+
+    def export(self, model):
+        raise UserError("prefix tuning cannot be merged into the base weights: its virtual tokens are extra "
+                        "inputs; use `sparsetune predict` on the run instead")
