@@ -78,8 +78,12 @@ def load_model(backbone, num_labels: int, tokenizer, seed: int = 0):
                             "offline, use a backbone that ships in a package (minilm, smollm2-135m)") from None
     # Decoders classify from the last non-pad token, which needs the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config  # GGUF weights are dequantized on load: the model is plain fp32
+    if backbone.get("gguf_file"):
+        # GGUF weights are dequantized to fp32 on load: the model is a plain one, trainable like any other.
+        model.hf_quantizer = None
+        model.is_quantized = False   # set by the GGUF loader; the Trainer refuses to train a "quantized" model
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model
 
 

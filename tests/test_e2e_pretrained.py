@@ -1,4 +1,4 @@
-"""End to end with the real MiniLM on real CLINC150 data (slow: about two minutes on 2 CPU cores)."""
+"""End to end with the real pretrained backbones (MiniLM on real CLINC150 data, SmolLM2 from GGUF); slow."""
 from __future__ import annotations
 
 import pytest
@@ -47,3 +47,19 @@ def test_merged_minilm_matches_the_sparse_model(minilm_sparse_run, tmp_path):
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_smollm2_from_gguf_is_a_trainable_classifier():
+    """The GGUF decoder dequantizes to a plain fp32 model that the Trainer accepts, with a pad token."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from sparsetune_cli.models import load_model, load_tokenizer
+    cfg = compose(["backbone=smollm2-135m"])
+    tok = load_tokenizer(cfg.backbone)
+    model = load_model(cfg.backbone, 3, tok)
+    validate_quantization_for_training(model)          # raises for a model still marked quantized
+    assert tok.pad_token is not None and model.config.pad_token_id == tok.pad_token_id
+    batch = tok(["book a flight", "what is my balance please"], padding=True, return_tensors="pt")
+    out = model(**batch, labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert out.logits.shape == (2, 3) and model.score.weight.grad is not None
