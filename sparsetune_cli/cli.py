@@ -121,18 +121,10 @@ def _table(args: list[str]) -> None:
     except (ValueError, KeyError) as e:
         raise UserError(str(e)) from None
     print(f"{a.split} {a.metric}: mean ± std over seeds ({len(records)} runs)\n")
-    print(display.to_markdown() if _has_tabulate() else display.to_string())
+    print(display.to_markdown())
     out = Path(a.csv) if a.csv else Path(a.dirs[0]) / "comparison.csv"
     stats.to_csv(out, index=False)
     print(f"\nwrote {out}")
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401  (pandas' to_markdown needs it)
-        return True
-    except ImportError:
-        return False
 
 
 def _predict(args: list[str]) -> None:
