@@ -32,6 +32,7 @@ from sparsetune_cli.cli import compose  # noqa: E402
 from sparsetune_cli.data import load_task, tokenize  # noqa: E402
 from sparsetune_cli.methods import count_params, get_method  # noqa: E402
 from sparsetune_cli.models import load_model, load_tokenizer  # noqa: E402
+from sparsetune_cli.train import method_context  # noqa: E402
 
 TRAIN_METHODS = ["full", "sparse", "lora", "layer_select", "prefix", "bitfit", "head_only"]
 
@@ -50,12 +51,9 @@ def build(args, method_name: str, overrides=()):
     for b in range(args.batches):
         chunk = rows[b * args.batch_size:(b + 1) * args.batch_size]
         batches.append(tok.pad(chunk, padding="max_length", max_length=args.seq_len, return_tensors="pt"))
-    from transformers import DataCollatorWithPadding
     model = load_model(cfg.backbone, len(data.labels), tok, seed=0)
     method = get_method(cfg.method)
-    context = {"train": ds["train"], "rows": data.splits["train"], "collator": DataCollatorWithPadding(tok),
-               "cfg": cfg, "tokenizer": tok, "labels": data.labels, "run_dir": None}
-    model = method.prepare(model, context=context)
+    model = method.prepare(model, context=method_context(cfg, data, ds, tok))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.method.lr, weight_decay=0.01)
     return model, method, opt, batches

@@ -158,6 +158,12 @@ def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
     )
 
 
+def method_context(cfg, data, datasets, tokenizer, run_dir: Path | None = None) -> dict:
+    """What Method.prepare gets for a new run: the sparse method mines and probes from it."""
+    return {"train": datasets["train"], "rows": data.splits["train"], "collator": DataCollatorWithPadding(tokenizer),
+            "cfg": cfg, "tokenizer": tokenizer, "labels": data.labels, "run_dir": run_dir}
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -192,16 +198,13 @@ def run(cfg, run_dir: Path) -> dict:
     guard = RunGuard(cfg.seed)
     try:
         record = _train_and_evaluate(cfg, run_dir, record, guard, previous)
-    except torch.cuda.OutOfMemoryError:
-        message = (f"out of GPU memory: lower train.batch_size (now {cfg.train.batch_size}, raise train.grad_accum "
-                   f"to keep the effective batch) or task.max_length (now {cfg.task.max_length})")
-        record.update(status="failed", error=message)
-        write_json_atomic(run_dir / METRICS_FILE, record)
-        raise UserError(message) from None
     except Exception as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            e = UserError(f"out of GPU memory: lower train.batch_size (now {cfg.train.batch_size}, raise "
+                          f"train.grad_accum to keep the effective batch) or task.max_length (now {cfg.task.max_length})")
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
         write_json_atomic(run_dir / METRICS_FILE, record)
-        raise
+        raise e
     except KeyboardInterrupt:
         record.update(status="interrupted", error="interrupted before a checkpoint could be saved")
         write_json_atomic(run_dir / METRICS_FILE, record)
@@ -223,10 +226,10 @@ def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previ
 
     model = load_model(cfg.backbone, len(data.labels), tokenizer, cfg.seed)
     method = get_method(cfg.method)
-    collator = DataCollatorWithPadding(tokenizer)
+    context = method_context(cfg, data, datasets, tokenizer, run_dir)
+    collator = context["collator"]
     t0 = time.perf_counter()
-    model = method.prepare(model, context={"train": datasets["train"], "rows": data.splits["train"], "collator": collator, "cfg": cfg,
-                                           "tokenizer": tokenizer, "labels": data.labels, "run_dir": run_dir})
+    model = method.prepare(model, context=context)
     prepare_seconds = time.perf_counter() - t0
 
     positive = data.labels.index(str(cfg.task.positive_label)) if cfg.task.get("positive_label") is not None else None

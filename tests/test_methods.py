@@ -9,7 +9,7 @@ from conftest import compose
 from sparsetune_cli.data import load_task, tokenize
 from sparsetune_cli.methods import METHODS, get_method
 from sparsetune_cli.models import is_head, load_model, load_tokenizer
-from transformers import DataCollatorWithPadding
+from sparsetune_cli.train import method_context
 
 BACKBONES = ["tiny-encoder", "tiny-decoder"]
 
@@ -20,10 +20,8 @@ def setup(backbone, method, data_dir, extra=()):
     tok = load_tokenizer(cfg.backbone)
     data = load_task(cfg.task, cfg.data_dir)
     ds, _ = tokenize(data, tok, cfg.task.max_length)
-    collator = DataCollatorWithPadding(tok)
-    context = {"train": ds["train"], "rows": data.splits["train"], "collator": collator, "cfg": cfg,
-               "tokenizer": tok, "labels": data.labels, "run_dir": None}
-    return cfg, tok, data, ds, collator, context
+    context = method_context(cfg, data, ds, tok)
+    return cfg, tok, data, ds, context["collator"], context
 
 
 def train_steps(model, ds, collator, lr, steps=4):

@@ -68,3 +68,18 @@ def test_diverging_loss_fails_the_run_with_the_reason(tmp_path, data_dir):
                             "train.max_grad_norm=1e30", "train.warmup=0"])
     rec = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert rec["status"] == "failed" and "lower method.lr" in rec["error"]
+
+
+def test_gpu_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
+    import torch
+
+    from sparsetune_cli import train
+    from sparsetune_cli.errors import UserError
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(train, "_train_and_evaluate", oom)
+    with pytest.raises(UserError, match=r"lower train\.batch_size \(now 32.*task\.max_length"):
+        run_tiny(tmp_path, [])
+    rec = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert rec["status"] == "failed" and "out of GPU memory" in rec["error"]
