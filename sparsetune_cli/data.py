@@ -55,8 +55,22 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def read_csv(path: Path) -> list[dict]:
     import csv
+    rows = []
     with open(path, encoding="utf-8", newline="") as f:
-        return [dict(row, _where=f"{path}:{i}") for i, row in enumerate(csv.DictReader(f), 2)]
+        reader = csv.DictReader(f, strict=True)
+        start = 2   # the line where the next record begins (a quoted field may span lines)
+        try:
+            for row in reader:
+                where = f"{path}:{start}"
+                extra, missing = row.pop(None, []), [k for k, v in row.items() if v is None]
+                if extra or missing:
+                    raise UserError(f"{where}: {len(reader.fieldnames) + len(extra) - len(missing)} fields where the "
+                                    f"header has {len(reader.fieldnames)}; quote fields that contain commas")
+                rows.append(dict(row, _where=where))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise UserError(f"{path}:{start}: malformed CSV ({e}); check the quotes from this line on") from None
+    return rows
 
 
 def find_split_file(folder: Path, split: str) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import resource
 import shutil
 import signal
@@ -27,6 +28,10 @@ from .results import METRICS_FILE, file_sha256, classification_metrics, package_
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
+
+# Config keys that never change a run's results (they are also left out of run folder names).
+NON_RESULT_KEYS = ("output_root", "data_dir", "force", "train.logger", "train.keep_checkpoints", "train.num_workers",
+                   "train.threads", "train.progress", "train.logging_steps", "method.lr_grid")
 
 LOGGERS = {"csv": "none", "none": "none", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -180,53 +185,85 @@ def base_record(cfg) -> dict:
             "config": OmegaConf.to_container(cfg, resolve=True), "versions": package_versions()}
 
 
+def is_main_process() -> bool:
+    """Under torchrun or accelerate (DDP) every rank runs this code; only rank 0 writes results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys set in both configs whose values differ, leaving out keys that do not change results."""
+    changes = []
+    for key in old.keys() & new.keys():
+        path = f"{prefix}{key}"
+        if path in NON_RESULT_KEYS:
+            continue
+        if isinstance(old[key], dict) and isinstance(new[key], dict):
+            changes += config_changes(old[key], new[key], f"{path}.")
+        elif old[key] != new[key]:
+            changes.append(f"{path}: {old[key]!r} -> {new[key]!r}")
+    return sorted(changes)
+
+
 def run(cfg, run_dir: Path) -> dict:
     """Train, evaluate and record one run in run_dir. Skips a completed run; resumes an interrupted one."""
     validate_config(cfg)
     previous = read_metrics(run_dir)
     if previous and previous.get("status") == "completed" and not cfg.force:
+        changes = config_changes(previous.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
+        if changes:
+            raise UserError(f"{run_dir} holds a completed run of a different config ({'; '.join(changes[:3])}); "
+                            "pass force=true to replace it, or another output_root")
         log.info("%s already completed (force=true to rerun); skipping", run_dir)
         return previous
-    if cfg.force and (run_dir / CHECKPOINTS).exists():
+    main = is_main_process()
+    if main and cfg.force and (run_dir / CHECKPOINTS).exists():
         shutil.rmtree(run_dir / CHECKPOINTS)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     record = base_record(cfg)
     record["variant"] = run_dir.parent.name   # the overrides that name this run (e.g. method.lr=0.001)
+
+    def write(rec: dict) -> None:
+        if main:
+            write_json_atomic(run_dir / METRICS_FILE, rec)
+
     guard = RunGuard(cfg.seed)
     try:
-        record = _train_and_evaluate(cfg, run_dir, record, guard, previous)
+        record = _train_and_evaluate(cfg, run_dir, record, guard, previous, main)
     except Exception as e:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             e = UserError(f"out of GPU memory: lower train.batch_size (now {cfg.train.batch_size}, raise "
                           f"train.grad_accum to keep the effective batch) or task.max_length (now {cfg.task.max_length})")
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
-        write_json_atomic(run_dir / METRICS_FILE, record)
+        write(record)
         raise e
     except KeyboardInterrupt:
         record.update(status="interrupted", error="interrupted before a checkpoint could be saved")
-        write_json_atomic(run_dir / METRICS_FILE, record)
+        write(record)
         raise
     finally:
         RunGuard.restore_default_handlers()
-    write_json_atomic(run_dir / METRICS_FILE, record)
+    write(record)
     return record
 
 
-def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previous: dict | None) -> dict:
+def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previous: dict | None,
+                        main: bool = True) -> dict:
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.backbone)
     data = load_task(cfg.task, cfg.data_dir, cfg.seed)
     datasets, truncated = tokenize(data, tokenizer, cfg.task.max_length)
-    (run_dir / "labels.json").write_text(json.dumps(data.labels))
+    if main:
+        (run_dir / "labels.json").write_text(json.dumps(data.labels))
     record["data"] = {"source": data.source, "num_labels": len(data.labels),
                       "sizes": {s: len(d) for s, d in datasets.items()}, "truncated": truncated}
 
     model = load_model(cfg.backbone, len(data.labels), tokenizer, cfg.seed)
     method = get_method(cfg.method)
-    context = method_context(cfg, data, datasets, tokenizer, run_dir)
+    context = method_context(cfg, data, datasets, tokenizer, run_dir if main else None)
     collator = context["collator"]
     t0 = time.perf_counter()
     model = method.prepare(model, context=context)
@@ -262,23 +299,32 @@ def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previ
     if guard.stop_signal is not None:
         record.update(status="interrupted", error=f"stopped by {signal.Signals(guard.stop_signal).name}; "
                                                   "rerun the same command to resume")
-        record["cost"]["peak_memory_mb"] = peak_memory_mb()
+        record["cost"].update(peak_memory_mb=peak_memory_mb(),
+                              wall_seconds=time.perf_counter() - guard.start + earlier.get("wall_seconds", 0.0))
         return record
 
+    t0 = time.perf_counter()
     metrics = {}
     for split in ("validation", "test"):
         res = trainer.evaluate(datasets[split], metric_key_prefix=split)
         metrics[split] = {k[len(split) + 1:]: v for k, v in res.items()
                           if k[len(split) + 1:] in ("accuracy", "macro_f1", "f1", "loss")}
     record["metrics"] = metrics
+    record["cost"]["eval_seconds"] = time.perf_counter() - t0   # the final validation and test passes
     record["history"] = [{"step": e["step"], "epoch": e.get("epoch"), headline: e.get(f"eval_{headline}"),
                           "seconds": guard.eval_times.get(e["step"])}
                          for e in trainer.state.log_history if f"eval_{headline}" in e]
+    record["cost"]["world_size"] = trainer.args.world_size   # > 1 under DDP (torchrun)
+    if not main:
+        return record
     model_dir = run_dir / MODEL_DIR
     method.save(trainer.model, model_dir)
     record["weights_sha256"] = file_sha256(model_dir / WEIGHTS)
     record["cost"].update(peak_memory_mb=peak_memory_mb(), checkpoint_mb=dir_mb(model_dir),
-                          total_seconds=record["cost"]["train_seconds"] + record["cost"]["prepare_seconds"])
+                          total_seconds=record["cost"]["train_seconds"] + record["cost"]["prepare_seconds"],
+                          # everything from the start of the command: loading, tokenizing, mining, probe,
+                          # training, evaluation and saving (plus any time before an interruption)
+                          wall_seconds=time.perf_counter() - guard.start + earlier.get("wall_seconds", 0.0))
     if not cfg.train.keep_checkpoints:
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     record["status"] = "completed"

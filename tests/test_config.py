@@ -62,3 +62,14 @@ def test_hub_backbones_are_marked():
     for name in names("backbone"):
         cfg = OmegaConf.load(CONFIGS / "backbone" / f"{name}.yaml")
         assert cfg.needs_hub == (cfg.get("package") is None), name
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2-135m"])
+def test_declared_max_positions_match_the_packaged_model(name):
+    """validate_config checks task.max_length against backbone.max_positions before loading anything,
+    so that figure must be what the model itself takes."""
+    from transformers import AutoConfig
+    from sparsetune_cli.models import _load_kwargs, weights_location
+    bb = compose([f"backbone={name}"]).backbone
+    config = AutoConfig.from_pretrained(weights_location(bb), **_load_kwargs(bb))
+    assert config.max_position_embeddings == bb.max_positions

@@ -80,3 +80,27 @@ def test_failing_runs_leave_finished_results_untouched(tmp_path, data_dir):
     assert {k: v for k, v in after.items() if k in before} == before
     failed = [json.loads((out / k).read_text()) for k in after if k.endswith("metrics.json") and k not in before]
     assert [r["status"] for r in failed] == ["failed"]      # the data error is recorded in its own run folder
+
+
+@pytest.mark.parametrize("raw,message", [
+    ("text,label\nhello,a\nhi there,b,extra\n", r"train\.csv:3: 3 fields where the header has 2; quote fields"),
+    ("text,label\nhello,a\nlonely\n", r"train\.csv:3: 1 fields where the header has 2"),
+    ('text,label\nhello,a\n"never closed,b\n', r"train\.csv:3: malformed CSV"),
+])
+def test_malformed_csv_names_file_and_line(tmp_path, raw, message):
+    folder = tmp_path / "data" / "banking77"
+    folder.mkdir(parents=True)
+    (folder / "train.csv").write_text(raw)
+    (folder / "test.csv").write_text("text,label\nx,a\ny,b\n")
+    with pytest.raises(UserError, match=message):
+        load(tmp_path / "data")
+
+
+def test_good_csv_loads(tmp_path):
+    folder = tmp_path / "data" / "banking77"
+    folder.mkdir(parents=True)
+    (folder / "train.csv").write_text('text,label\n"hello, world",a\nhi,b\nyo,a\nhey,b\n')
+    (folder / "test.csv").write_text("text,label\nx,a\ny,b\n")
+    data = load(tmp_path / "data")
+    texts = [r["text"] for split in data.splits.values() for r in split]
+    assert data.labels == ["a", "b"] and "hello, world" in texts

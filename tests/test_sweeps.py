@@ -1,0 +1,147 @@
+"""Sweeps: idempotent multiruns, launchers, DDP on the CPU, and the paper pipeline on a tiny model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose, run_tiny
+from sparsetune_cli.cli import CONFIG_DIR, pin_gpu
+from sparsetune_cli.errors import UserError
+from sparsetune_cli.train import NON_RESULT_KEYS
+
+BIN = Path(sys.executable).parent
+TINY_JOB = ["backbone=tiny-encoder", "task=trec", "task.train_limit=64", "task.eval_limit=32", "train.max_steps=6",
+            "train.batch_size=8", "train.progress=false"]
+
+
+def sparsetune(*args, timeout=600, **kwargs):
+    return subprocess.run([str(BIN / "sparsetune"), *args], capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+
+
+def records(root: Path) -> dict[str, dict]:
+    return {str(p.parent.relative_to(root)): json.loads(p.read_text()) for p in root.rglob("metrics.json")}
+
+
+def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, data_dir):
+    args = ["run", "-m", "method=head_only,bitfit,sparse,full", *TINY_JOB, f"output_root={tmp_path}",
+            f"data_dir={data_dir}"]
+    proc = subprocess.Popen([str(BIN / "sparsetune"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r["status"] == "completed" for r in records(tmp_path).values()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)   # as a cluster preemption would
+    proc.wait(timeout=120)
+    finished = {k: (tmp_path / k / "metrics.json").stat().st_mtime_ns
+                for k, r in records(tmp_path).items() if r["status"] == "completed"}
+    assert 1 <= len(finished) < 4, "the sweep should have been stopped part way"
+
+    again = sparsetune(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    final = records(tmp_path)
+    assert len(final) == 4 and all(r["status"] == "completed" for r in final.values())
+    for k, mtime in finished.items():   # finished runs were skipped, not redone
+        assert (tmp_path / k / "metrics.json").stat().st_mtime_ns == mtime
+    assert (again.stdout + again.stderr).count("already completed") == len(finished)
+
+
+def test_completed_run_of_another_config_is_not_silently_reused(tmp_path, data_dir):
+    from sparsetune_cli.train import run
+    record, run_dir = run_tiny(tmp_path, ["method=head_only", f"data_dir={data_dir}"])
+    same = compose(["backbone=tiny-encoder", f"output_root={tmp_path}", "method=head_only", f"data_dir={data_dir}",
+                    "task.train_limit=200", "task.eval_limit=60", "train.epochs=1", "train.progress=true"])
+    assert run(same, run_dir)["weights_sha256"] == record["weights_sha256"]   # progress bars change no result
+    other = compose(["backbone=tiny-encoder", f"output_root={tmp_path}", "method=head_only", f"data_dir={data_dir}",
+                     "task.train_limit=200", "task.eval_limit=60", "train.epochs=1", "method.lr=0.1"])
+    with pytest.raises(UserError, match=r"different config \(method\.lr: 0\.005 -> 0\.1\); pass force=true"):
+        run(other, run_dir)
+
+
+def test_keys_that_do_not_change_results_stay_out_of_folder_names():
+    hydra_cfg = OmegaConf.load(Path(CONFIG_DIR) / "config.yaml").hydra
+    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    assert set(NON_RESULT_KEYS) - {"method.lr_grid"} <= excluded
+
+
+def test_unknown_launcher_lists_the_installed_ones():
+    proc = sparsetune("run", "hydra/launcher=nope", timeout=120)
+    assert proc.returncode != 0
+    for name in ("basic", "joblib", "submitit_slurm", "submitit_local", "parallel", "slurm"):
+        assert f"\t{name}\n" in proc.stderr
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
+def test_launchers_run_every_job(tmp_path, data_dir, launcher):
+    proc = sparsetune("run", "-m", f"hydra/launcher={launcher}", "train.threads=1", "method=head_only,sparse",
+                      *TINY_JOB, f"output_root={tmp_path}", f"data_dir={data_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = records(tmp_path / "runs")
+    assert sorted(r["method"] for r in final.values()) == ["head_only", "sparse"]
+    assert all(r["status"] == "completed" for r in final.values())
+
+
+def test_parallel_jobs_get_one_gpu_each(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    pin_gpu(3)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    pin_gpu(0)   # a worker already pinned keeps its GPU
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+
+
+def test_ddp_with_two_cpu_processes_writes_one_result(tmp_path, data_dir):
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", "--no-python", "sparsetune", "run",
+                           "method=sparse", *[a for a in TINY_JOB if "max_steps" not in a], "train.epochs=1",
+                           f"output_root={tmp_path}", f"data_dir={data_dir}"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = records(tmp_path).values()
+    assert rec["status"] == "completed" and rec["cost"]["world_size"] == 2
+    assert rec["cost"]["steps"] == 4   # 64 examples / (8 per process x 2 processes): the data is split
+    assert len(list(tmp_path.rglob("trained.safetensors"))) == 1
+
+
+def test_paper_refuses_overrides_that_change_the_runs():
+    from sparsetune_cli.paper import Plan
+    with pytest.raises(UserError, match=r"'method\.lr=0\.1' would change the runs of experiment=paper_smoke"):
+        Plan("paper_smoke", ["method.lr=0.1"])
+    plan = Plan("paper_smoke", ["output_root=/tmp/x", "hydra/launcher=parallel"])
+    assert (plan.tasks, plan.methods, plan.seeds) == (["trec", "intent"], ["sparse", "full", "head_only"], ["0", "1"])
+
+
+@pytest.mark.slow
+def test_paper_pipeline_end_to_end(tmp_path, data_dir):
+    out = tmp_path / "paper"
+    proc = sparsetune("paper", "--experiment", "paper_smoke", "--ablation", "paper_ablation_smoke",
+                      "--out", str(out), f"output_root={tmp_path}", f"data_dir={data_dir}", timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("main.md", "main.csv", "lr_grid.csv", "cost.csv", "ablation.csv", "tokens.md",
+                 "metric_vs_params.png", "metric_vs_time.png", "seed_spread.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    grid = pd.read_csv(out / "lr_grid.csv")
+    assert len(grid) == 2 * 3 * 3   # tasks x methods x lr values, seed 0
+    for (task, method), cell in grid.groupby(["task", "method"]):
+        chosen = cell[cell.chosen]
+        assert len(chosen) == 1 and chosen.validation.iloc[0] == cell.validation.max(), (task, method)
+        # every seed of the main table ran at the chosen lr
+        runs = [r for r in records(tmp_path / "runs").values()
+                if (r["task"], r["method"]) == (task, method) and r["variant"].startswith("experiment=paper_smoke,")
+                and r["config"]["method"]["lr"] == chosen.lr.iloc[0]]
+        assert sorted(r["seed"] for r in runs) == [0, 1]
+    main = pd.read_csv(out / "main.csv", index_col=0)
+    assert list(main.columns) == ["trec", "intent", "average"] and "(n=2)" in main.loc["sparse", "trec"]
+    cost = pd.read_csv(out / "cost.csv").set_index("method")
+    assert cost.loc["full", "train time ÷ full"] == 1.0
+    assert cost.loc["sparse", "trainable params"] < cost.loc["full", "trainable params"]
+    assert "how many" in (out / "tokens.md").read_text()   # trec's NUM:count cue
+    assert len(pd.read_csv(out / "ablation.csv")) == 4      # 2 selectors x 2 budgets
