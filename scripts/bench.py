@@ -55,16 +55,22 @@ def build(args, method_name: str, overrides=()):
     method = get_method(cfg.method)
     model = method.prepare(model, context=method_context(cfg, data, ds, tok))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.method.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=cfg.method.lr, weight_decay=cfg.train.weight_decay,
+                            fused=cfg.train.optimizer == "adamw_torch_fused")   # as the Trainer builds it
     return model, method, opt, batches
 
 
-def train_step(model, opt, batch):
+def train_step(model, opt, batch) -> tuple[float, float, float]:
+    """One optimizer step; returns the seconds spent in forward, backward and the optimizer."""
     model.train()
+    t0 = time.perf_counter()
     loss = model(**batch).loss
+    t1 = time.perf_counter()
     loss.backward()
+    t2 = time.perf_counter()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
 @torch.no_grad()
@@ -83,21 +89,23 @@ def optimizer_state_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
-def timed(fn, *a) -> float:
-    t0 = time.perf_counter()
-    fn(*a)
-    return time.perf_counter() - t0
-
-
-def interleaved(jobs: dict, steps: int, warmup: int, batches) -> dict[str, float]:
-    """Median seconds per call of each job, one call of every job per round."""
+def interleaved(jobs: dict, steps: int, warmup: int, batches, phases: dict | None = None) -> dict[str, float]:
+    """Median seconds per call of each job, one call of every job per round. Jobs that return a tuple of
+    phase times (train_step) also get the median of each phase in `phases`."""
     times = {k: [] for k in jobs}
+    parts: dict[str, list] = {k: [] for k in jobs}
     for r in range(warmup + steps):
         batch = batches[r % len(batches)]
         for name, fn in jobs.items():
-            t = timed(fn, batch)
+            t0 = time.perf_counter()
+            out = fn(batch)
+            t = time.perf_counter() - t0
             if r >= warmup:
                 times[name].append(t)
+                if isinstance(out, tuple):
+                    parts[name].append(out)
+    if phases is not None:
+        phases.update({k: [statistics.median(x) for x in zip(*v)] for k, v in parts.items() if v})
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -168,6 +176,7 @@ def main():
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--methods", default=",".join(TRAIN_METHODS))
     p.add_argument("--quick", action="store_true", help="5 steps, 1 warm-up, no memory children")
+    p.add_argument("--skip-memory", action="store_true", help="no memory children (timing only)")
     p.add_argument("--out", default=str(REPO / "results" / "bench"))
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -183,7 +192,8 @@ def main():
     batches = built["full"][3]
     jobs = {m: (lambda b, m=m: train_step(built[m][0], built[m][2], b)) for m in methods}
     jobs["forward_only"] = lambda b: forward_only(built["full"][0], b)
-    step = interleaved(jobs, args.steps, args.warmup, batches)
+    phases: dict[str, list[float]] = {}
+    step = interleaved(jobs, args.steps, args.warmup, batches, phases)
 
     rows = {}
     for m in methods:
@@ -191,9 +201,10 @@ def main():
         counts = count_params(model)
         rows[m] = {"step_seconds": step[m], "trainable_params": counts["trainable_params"],
                    "trainable_params_without_head": counts["trainable_params_without_head"],
-                   "optimizer_state_bytes": optimizer_state_bytes(opt)}
+                   "optimizer_state_bytes": optimizer_state_bytes(opt),
+                   **dict(zip(("forward_seconds", "backward_seconds", "optimizer_seconds"), phases[m]))}
     rows["forward_only"] = {"step_seconds": step["forward_only"]}
-    if not args.quick:
+    if not (args.quick or args.skip_memory):
         for m in methods + ["forward_only"]:
             rows[m]["peak_memory_mb"] = memory_child(args, m)
 
@@ -250,6 +261,14 @@ def markdown(result, argv: str) -> str:
         opt = f"{r['optimizer_state_bytes'] / 2**20:.2f}" if "optimizer_state_bytes" in r else "-"
         tp = f"{r['trainable_params']:,} ({r['trainable_params_without_head']:,})" if "trainable_params" in r else "-"
         lines.append(f"| {m} | {r['step_seconds']:.3f} | {r['step_ratio']:.2f} | {mem} | {opt} | {tp} |")
+    lines += ["", "Where a training step's time goes (median seconds per phase; ÷ the same phase of full):", "",
+              "| method | forward | backward | optimizer |", "|---|---|---|---|"]
+    full = result["train"]["full"]
+    for m, r in result["train"].items():
+        if "forward_seconds" in r:
+            lines.append(f"| {m} | " + " | ".join(
+                f"{r[k]:.3f} ({r[k] / full[k]:.2f})" for k in ("forward_seconds", "backward_seconds", "optimizer_seconds"))
+                + " |")
     lines += ["", "| model (inference) | examples/s | ÷ base |", "|---|---|---|"]
     for k, v in result["inference_examples_per_second"].items():
         lines.append(f"| {k} | {v:.0f} | {result['inference_ratio_to_base'][k]:.2f} |")

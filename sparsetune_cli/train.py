@@ -33,6 +33,7 @@ MODEL_DIR = "model"
 NON_RESULT_KEYS = ("output_root", "data_dir", "force", "train.logger", "train.keep_checkpoints", "train.num_workers",
                    "train.threads", "train.progress", "train.logging_steps", "method.lr_grid")
 
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")   # the same AdamW; fused is one kernel per step
 LOGGERS = {"csv": "none", "none": "none", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
@@ -52,6 +53,7 @@ def validate_config(cfg) -> None:
         (t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", t.precision, "auto, fp32, bf16 or fp16"),
         (t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "auto, cpu or cuda"),
         (t.logger in LOGGERS, "train.logger", t.logger, ", ".join(LOGGERS)),
+        (t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, ", ".join(OPTIMIZERS)),
         (t.eval_every == "epoch" or (isinstance(t.eval_every, int) and t.eval_every > 0), "train.eval_every",
          t.eval_every, "'epoch' or a number of steps > 0"),
         (8 <= task.max_length <= bb.max_positions, "task.max_length", task.max_length,
@@ -151,7 +153,7 @@ def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=cfg.method.lr, weight_decay=t.weight_decay, lr_scheduler_type=t.scheduler,
         warmup_steps=float(t.warmup) if t.warmup < 1 else int(t.warmup),  # a float below 1 is a ratio
-        max_grad_norm=t.max_grad_norm, optim="adamw_torch",
+        max_grad_norm=t.max_grad_norm, optim=t.optimizer,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda,
         eval_strategy="epoch" if by_epoch else "steps", save_strategy="epoch" if by_epoch else "steps",
         eval_steps=None if by_epoch else t.eval_every, save_steps=None if by_epoch else t.eval_every,
