@@ -44,11 +44,8 @@ class Plan:
                                 f"experiment config (configs/experiment/) instead. Allowed here: hydra options, "
                                 f"{', '.join(sorted(allowed))}")
         self.experiment, self.overrides = experiment, overrides
-        params = cfg.hydra.sweeper.params
-        self.params = {k: [v.strip() for v in str(val).split(",")] for k, val in params.items()}
-        self.tasks = self.params.pop("task")
-        self.seeds = self.params.pop("seed")
-        self.methods = self.params.pop("method", ["sparse"])
+        params = {k: [v.strip() for v in str(val).split(",")] for k, val in cfg.hydra.sweeper.params.items()}
+        self.tasks, self.seeds, self.methods = params["task"], params["seed"], params.get("method", ["sparse"])
         self.backbone = cfg.backbone.name
         self.runs = Path(cfg.output_root) / "runs"
 
@@ -107,13 +104,6 @@ def lr_choices(plan: Plan, methods: list[str] | None = None) -> tuple[dict[tuple
     return chosen, missing
 
 
-def complete_lr_choices(plan: Plan, methods: list[str] | None = None) -> dict[tuple[str, str], float]:
-    chosen, missing = lr_choices(plan, methods)
-    if missing:
-        raise UserError(f"the lr grid is not finished for {', '.join(missing)}: run `sparsetune paper --stage grid`")
-    return chosen
-
-
 def run_grid(plan: Plan) -> None:
     for task in plan.tasks:  # task by task, so that finished tasks can be tabulated early
         for method in plan.methods:
@@ -123,21 +113,27 @@ def run_grid(plan: Plan) -> None:
 
 
 def run_seeds(plan: Plan) -> None:
+    """Every seed at the chosen lr, for each (task, method) whose grid is finished; one multirun per
+    (method, lr) with every task that chose it."""
+    chosen, missing = lr_choices(plan)
     by_lr: dict[tuple[str, float], list[str]] = defaultdict(list)
-    for (task, method), lr in complete_lr_choices(plan).items():
+    for (task, method), lr in chosen.items():
         by_lr[method, lr].append(task)
     for (method, lr), tasks in by_lr.items():
         launch([f"experiment={plan.experiment}", f"task={','.join(tasks)}", f"method={method}",
                 f"method.lr={fmt_lr(lr)}", f"seed={','.join(plan.seeds)}", *plan.overrides])
+    if missing:
+        raise UserError(f"no lr chosen yet for {', '.join(missing)} (grid runs missing or failed; see their "
+                        "metrics.json): rerun `sparsetune paper` to retry them")
 
 
 def run_ablation(plan: Plan, ablation: Plan) -> None:
-    lrs = complete_lr_choices(plan, ["sparse"])
+    chosen, _ = lr_choices(plan, ["sparse"])
     for task in ablation.tasks:
-        if (task, "sparse") not in lrs:
-            raise UserError(f"task {task} of experiment={ablation.experiment} is not in experiment={plan.experiment}, "
-                            "whose grid chooses its lr")
-        launch([f"experiment={ablation.experiment}", f"task={task}", f"method.lr={fmt_lr(lrs[task, 'sparse'])}",
+        if (task, "sparse") not in chosen:
+            raise UserError(f"sparse has no chosen lr for {task} in experiment={plan.experiment} (its grid is "
+                            "missing or unfinished), so the ablation cannot run there")
+        launch([f"experiment={ablation.experiment}", f"task={task}", f"method.lr={fmt_lr(chosen[task, 'sparse'])}",
                 *ablation.overrides])
 
 

@@ -119,3 +119,41 @@ def test_token_report_of_banking77_reads_as_its_classes(data_dir):
     assert "pin" in per_class["change_pin"]
     assert "exchange" in per_class["exchange_rate"] or "rate" in per_class["exchange_rate"]
     assert "# Token groups" in report["markdown"] and "| change_pin |" in report["markdown"]
+
+
+def test_row_delta_gradients_match_autograd_of_the_plain_formula():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).double()
+    layer = RowDeltaLinear(base, torch.tensor([1, 3]))
+    with torch.no_grad():
+        layer.delta.normal_()
+    x = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, d: torch.nn.functional.linear(
+        x, base.weight.index_add(0, layer.rows, d), base.bias), (x, layer.delta.detach().clone().requires_grad_()))
+    y = layer(x)
+    reference = torch.nn.functional.linear(x, base.weight.index_add(0, layer.rows, layer.delta), base.bias)
+    assert torch.allclose(y, reference)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.delta), g)
+    want = torch.autograd.grad(reference, (x, layer.delta), g)
+    assert all(torch.allclose(a, b) for a, b in zip(got, want))
+    assert base.weight.grad is None
+
+
+@pytest.mark.parametrize("backbone", ["tiny-encoder", "tiny-decoder"])
+def test_probe_scores_of_the_top_blocks_do_not_depend_on_where_the_backward_starts(backbone, data_dir):
+    import numpy as np
+    from sparsetune_cli.methods.sparse import block_linears
+    from sparsetune_cli.tokens import mine
+    cfg, tok, data, ds, collator, context = setup(backbone, "sparse", data_dir)
+    model = load_model(cfg.backbone, len(data.labels), tok, seed=0)
+    method = get_method(cfg.method)
+    groups = mine(context["rows"], data.labels, tok, cfg.task.max_length, 200, 2, 2)
+    linears = block_linears(model)
+    n = len(transformer_blocks(model))
+    whole, _ = method.probe(model, context, groups, linears, np.random.default_rng(0), lowest=0)
+    top, _ = method.probe(model, context, groups, linears, np.random.default_rng(0), lowest=n - 2)
+    kept = [name for b, name, _ in linears if b >= n - 2]
+    assert any(top[name].sum() > 0 for name in kept)
+    for name in kept:   # the same scores for every matrix of the top blocks
+        assert torch.allclose(whole[name], top[name], rtol=1e-5, atol=1e-12), name

@@ -28,6 +28,25 @@ log = logging.getLogger(__name__)
 SELECTORS = ("token", "all_positions", "magnitude", "random")
 
 
+class _RowDeltaLinearFn(torch.autograd.Function):
+    """y = x (W + D on the selected rows)^T + b. Forward is one matmul with the patched weight, as in a
+    plain linear layer (patching W copies out x in values, far fewer than adding into y's batch x tokens x
+    out); backward computes the input gradient and only the k selected rows' weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows, delta):
+        patched = weight.index_add(0, rows, delta.to(weight.dtype))
+        ctx.save_for_backward(x, patched, rows)
+        return F.linear(x, patched, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, patched, rows = ctx.saved_tensors
+        grad_x = grad_y @ patched if ctx.needs_input_grad[0] else None
+        grad_delta = grad_y.index_select(-1, rows).reshape(-1, len(rows)).T @ x.reshape(-1, x.shape[-1])
+        return grad_x, None, None, None, grad_delta
+
+
 class RowDeltaLinear(nn.Linear):
     """nn.Linear with a frozen weight and a trainable delta on some output rows. Keeps the
     `weight`/`bias` names of the module it replaces, so the base weights load and merge as usual."""
@@ -44,8 +63,7 @@ class RowDeltaLinear(nn.Linear):
                                               device=base.weight.device))
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        return y.index_add(-1, self.rows, F.linear(x, self.delta))
+        return _RowDeltaLinearFn.apply(x, self.weight, self.bias, self.rows, self.delta)
 
     def merged(self) -> nn.Linear:
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -168,7 +186,8 @@ class Sparse(Method):
 
         t0 = time.perf_counter()
         if cfg.selector in ("token", "all_positions"):
-            scores, emb_scores = self.probe(model, context, groups, linears, rng)
+            scores, emb_scores = self.probe(model, context, groups, linears, rng,
+                                            lowest=0 if cfg.embeddings else n_blocks - depth)
         elif cfg.selector == "magnitude":
             scores = {name: m.weight.detach().abs().sum(1).double() / m.weight.detach().abs().sum(1).double().mean()
                       for _, name, m in linears}
@@ -212,8 +231,9 @@ class Sparse(Method):
                 "backbone_params": backbone_params, "rows": rows,
                 "per_block_params": _per_block(rows, linears, model)}
 
-    def probe(self, model, context, groups, linears, rng):
-        """Accumulate token-driven (or all-position) squared gradient norms per output row."""
+    def probe(self, model, context, groups, linears, rng, lowest: int = 0):
+        """Accumulate token-driven (or all-position) squared gradient norms per output row, for the blocks
+        from `lowest` up: the backward pass starts at that block's input and costs nothing below it."""
         from ..tokens import encode, position_mask
         cfg, run_cfg = self.cfg, context["cfg"]
         train, collator, tokenizer = context["train"], context["collator"], context["tokenizer"]
@@ -256,9 +276,16 @@ class Sparse(Method):
             out.register_hook(on_grad)
             return out
 
-        for _, name, m in linears:
-            handles.append(m.register_forward_hook(keep_input(name)))
-        handles.append(emb.register_forward_hook(grad_entry))
+        def block_entry(module, args):
+            return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
+
+        for b, name, m in linears:
+            if b >= lowest:
+                handles.append(m.register_forward_hook(keep_input(name)))
+        if lowest == 0:
+            handles.append(emb.register_forward_hook(grad_entry))
+        else:
+            handles.append(transformer_blocks(model)[lowest][1].register_forward_pre_hook(block_entry))
         group_ids = sorted({t for g in groups.groups for t in g}) if groups else []
         current["group_ids"] = group_ids if cfg.embeddings else []
         was_training, flags = model.training, {n: p.requires_grad for n, p in model.named_parameters()}
