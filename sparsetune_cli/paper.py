@@ -202,14 +202,13 @@ def cost_table(df: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
                "trainable params": int(sub["cost.trainable_params"].median()),
                "trainable params without head": int(sub["cost.trainable_params_without_head"].median())}
         paired = sub.join(full, on=["task", "seed"], rsuffix="_full", how="inner")
-        for key, name in (("cost.train_seconds", "train time ÷ full"), ("cost.seconds_per_step", "step time ÷ full"),
-                          ("cost.wall_seconds", "whole run ÷ full")):
+        for key, name in (("cost.train_seconds", "train time ÷ full"), ("cost.wall_seconds", "whole run ÷ full")):
             if key in paired and f"{key}_full" in paired:
                 row[name] = round(float((paired[key] / paired[f"{key}_full"]).mean()), 3)
         reached = [time_to_reach(r, f) for r, f in zip(paired["run_dir"], paired["run_dir_full"])]
         got = [x for x in reached if x is not None]
-        row["time to full's best validation ÷ full"] = (f"{np.median(got):.2f} ({len(got)}/{len(reached)} reached)"
-                                                        if reached else "")
+        row["time to full's best validation ÷ full"] = (
+            f"{np.median(got):.2f} ({len(got)}/{len(reached)} reached)" if got else f"not reached (0/{len(reached)})")
         row["peak RSS MB (process)"] = round(float(sub["cost.peak_memory_mb"].median()))
         row["saved model MB"] = round(float(sub["cost.checkpoint_mb"].median()), 1)
         rows.append(row)

@@ -128,8 +128,9 @@ def test_paper_pipeline_end_to_end(tmp_path, data_dir):
                  "metric_vs_params.png", "metric_vs_time.png", "seed_spread.png"):
         assert (out / name).stat().st_size > 0, name
 
+    from sparsetune_cli.paper import lr_grid
     grid = pd.read_csv(out / "lr_grid.csv")
-    assert len(grid) == 2 * 3 * 3   # tasks x methods x lr values, seed 0
+    assert len(grid) == 2 * sum(len(lr_grid(m)) for m in ("sparse", "full", "head_only"))   # tasks x lr values
     for (task, method), cell in grid.groupby(["task", "method"]):
         chosen = cell[cell.chosen]
         assert len(chosen) == 1 and chosen.validation.iloc[0] == cell.validation.max(), (task, method)
