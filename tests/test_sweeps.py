@@ -62,7 +62,7 @@ def test_completed_run_of_another_config_is_not_silently_reused(tmp_path, data_d
     assert run(same, run_dir)["weights_sha256"] == record["weights_sha256"]   # progress bars change no result
     other = compose(["backbone=tiny-encoder", f"output_root={tmp_path}", "method=head_only", f"data_dir={data_dir}",
                      "task.train_limit=200", "task.eval_limit=60", "train.epochs=1", "method.lr=0.1"])
-    with pytest.raises(UserError, match=r"different config \(method\.lr: 0\.005 -> 0\.1\); pass force=true"):
+    with pytest.raises(UserError, match=r"different config \(method\.lr: 0\.01 -> 0\.1\); pass force=true"):
         run(other, run_dir)
 
 
