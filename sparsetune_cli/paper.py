@@ -62,17 +62,22 @@ def launch(overrides: list[str]) -> None:
     cmd = [sys.executable, "-m", "sparsetune_cli.cli", "run", "-m", *overrides]
     log.info("sparsetune run -m %s", " ".join(overrides))
     proc = subprocess.Popen(cmd)
-    previous = signal.signal(signal.SIGTERM, lambda s, f: proc.send_signal(signal.SIGTERM))
+    stopped = []   # set on a signal: stop after this child even if it then exits 0 (it was only skipping runs)
+
+    def on_sigterm(signum, frame):
+        stopped.append(signum)
+        proc.send_signal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while True:
             try:
                 rc = proc.wait()
                 break
             except KeyboardInterrupt:  # the child got the same SIGINT and is saving a checkpoint
-                continue
+                stopped.append(signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if rc in (130, -signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGTERM):
+    if stopped or rc in (130, -signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGTERM):
         raise KeyboardInterrupt
     if rc != 0:
         raise UserError(f"the sweep stopped with exit code {rc}: sparsetune run -m {' '.join(overrides)}")

@@ -125,8 +125,10 @@ def comparison_table(records: list[dict], metric: str = "headline", split: str =
             raise ValueError(f"no metric {key!r} in the runs; available: {', '.join(c for c in df if '.' in c)}")
         df["value"] = df[key]
     stats = df.groupby([rows, cols])["value"].agg(["mean", "std", "count"]).reset_index()
+    counts = metric != "headline" and bool(df["value"].dropna().map(lambda v: float(v).is_integer()).all())
+
     def fmt(v: float) -> str:  # scores with 4 decimals, counts and sizes as whole numbers
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}"
+        return f"{v:,.0f}" if counts or abs(v) >= 1000 else f"{v:.4f}"
 
     cell = stats.apply(lambda s: f"{fmt(s['mean'])} ± {fmt(0 if np.isnan(s['std']) else s['std'])} (n={s['count']})"
                        if s["count"] > 1 else f"{fmt(s['mean'])} (n=1)", axis=1)

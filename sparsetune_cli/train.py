@@ -62,6 +62,8 @@ def validate_config(cfg) -> None:
          "null or >= 2"),
         (task.get("eval_limit") is None or task.eval_limit >= 1, "task.eval_limit", task.get("eval_limit"),
          "null or >= 1"),
+        (task.get("class_weight") in (None, "balanced"), "task.class_weight", task.get("class_weight"),
+         "null or balanced"),
     ]
     if cfg.method.name == "sparse":
         checks.append((0 < cfg.method.budget <= 1, "method.budget", cfg.method.budget, "(0, 1]"))
@@ -163,6 +165,24 @@ def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
         dataloader_num_workers=t.num_workers, label_names=["labels"],
         logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
     )
+
+
+def class_weighted_loss(train_labels, num_labels: int):
+    """task.class_weight=balanced: cross-entropy weighted by inverse class frequency in train (scikit-learn's
+    'balanced'), so that a rare class is not learned away. Returns (loss for Trainer's compute_loss_func, weights).
+    The loss is summed and divided by the number of labels, the Trainer's convention under gradient accumulation."""
+    from sklearn.utils.class_weight import compute_class_weight
+    y = np.asarray(train_labels)
+    present = np.unique(y[y >= 0])
+    weights = np.ones(num_labels)
+    weights[present] = compute_class_weight("balanced", classes=present, y=y[y >= 0])
+    weights = torch.tensor(weights, dtype=torch.float32)
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"].float()
+        total = torch.nn.functional.cross_entropy(logits, labels, weight=weights.to(logits.device), reduction="sum")
+        return total / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum())
+    return loss, weights
 
 
 def method_context(cfg, data, datasets, tokenizer, run_dir: Path | None = None) -> dict:
@@ -278,10 +298,15 @@ def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previ
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         return classification_metrics(logits, pred.label_ids, positive)
 
+    loss_func = None
+    if cfg.task.get("class_weight"):
+        loss_func, weights = class_weighted_loss(datasets["train"]["labels"], len(data.labels))
+        record["data"]["class_weight"] = dict(zip(data.labels, (round(w, 4) for w in weights.tolist())))
     callbacks = [guard] + ([CsvLogger(run_dir / "log.csv")] if cfg.train.logger == "csv" else [])
     trainer = Trainer(model=model, args=training_arguments(cfg, run_dir, headline), data_collator=collator,
                       train_dataset=datasets["train"], eval_dataset=datasets["validation"],
-                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks)
+                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
+                      compute_loss_func=loss_func)
     resume = get_last_checkpoint(str(run_dir / CHECKPOINTS)) if (run_dir / CHECKPOINTS).is_dir() else None
     if resume:
         log.info("resuming from %s", resume)

@@ -50,3 +50,11 @@ def test_metrics_count_unseen_labels_as_wrong_and_f1_of_positive_class():
     m = classification_metrics(logits, labels, positive=1)
     assert m["accuracy"] == 0.5
     assert m["f1"] == pytest.approx(2 / 3)         # precision 1/2, recall 1/1
+
+
+def test_table_shows_counts_as_whole_numbers(tmp_path):
+    recs = [dict(record(m, "intent", 0, 0.9), cost={"trainable_params": n}) for m, n in [("head_only", 0), ("sparse", 225408)]]
+    for i, r in enumerate(recs):
+        write_json_atomic(tmp_path / f"r{i}" / "metrics.json", r)
+    display, _ = comparison_table(collect([tmp_path]), metric="cost.trainable_params")
+    assert display.loc["head_only", "intent"] == "0 (n=1)" and display.loc["sparse", "intent"] == "225,408 (n=1)"

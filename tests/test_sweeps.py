@@ -118,6 +118,21 @@ def test_paper_refuses_overrides_that_change_the_runs():
     assert (plan.tasks, plan.methods, plan.seeds) == (["trec", "intent"], ["sparse", "full", "head_only"], ["0", "1"])
 
 
+def test_paper_stops_after_a_signal_even_when_the_child_exits_cleanly(monkeypatch):
+    """A SIGTERM that lands while the child sweep is only skipping finished runs (so it exits 0) still stops
+    `sparsetune paper` instead of going on to the next sweep."""
+    import threading
+    from sparsetune_cli import paper
+    child = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(2)"]
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(paper.subprocess, "Popen", lambda cmd: real_popen(child))
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with pytest.raises(KeyboardInterrupt):
+        paper.launch(["experiment=paper_smoke"])
+    assert signal.getsignal(signal.SIGTERM) == before   # our handler was removed again
+
+
 @pytest.mark.slow
 def test_paper_pipeline_end_to_end(tmp_path, data_dir):
     out = tmp_path / "paper"
