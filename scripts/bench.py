@@ -32,13 +32,18 @@ from sparsetune_cli.cli import compose  # noqa: E402
 from sparsetune_cli.data import load_task, tokenize  # noqa: E402
 from sparsetune_cli.methods import count_params, get_method  # noqa: E402
 from sparsetune_cli.models import load_model, load_tokenizer  # noqa: E402
-from sparsetune_cli.train import method_context  # noqa: E402
+from sparsetune_cli.train import method_context, prepare_model  # noqa: E402
 
-TRAIN_METHODS = ["full", "sparse", "lora", "layer_select", "prefix", "bitfit", "head_only"]
+TRAIN_METHODS = ["full", "sparse", "lora", "layer_select", "prefix", "bitfit", "head_only",
+                 "sparse_no_frozen_dropout", "head_only_no_frozen_dropout"]
+# Rows that are a method with other settings: name -> (method, config overrides)
+VARIANTS = {"sparse_no_frozen_dropout": ("sparse", ["train.frozen_dropout=false"]),
+            "head_only_no_frozen_dropout": ("head_only", ["train.frozen_dropout=false"])}
 
 
-def build(args, method_name: str, overrides=()):
-    """A model prepared by the method, its optimizer, and the fixed batches."""
+def build(args, name: str):
+    """A model prepared by the method (or variant) `name`, its optimizer, and the fixed batches."""
+    method_name, overrides = VARIANTS.get(name, (name, []))
     cfg = compose([f"backbone={args.backbone}", f"method={method_name}", f"task={args.task}",
                    f"train.batch_size={args.batch_size}", f"task.max_length={args.seq_len}",
                    f"task.train_limit={max(args.batch_size * 20, 400)}", *overrides])
@@ -53,7 +58,7 @@ def build(args, method_name: str, overrides=()):
         batches.append(tok.pad(chunk, padding="max_length", max_length=args.seq_len, return_tensors="pt"))
     model = load_model(cfg.backbone, len(data.labels), tok, seed=0)
     method = get_method(cfg.method)
-    model = method.prepare(model, context=method_context(cfg, data, ds, tok))
+    model = prepare_model(cfg, method, model, method_context(cfg, data, ds, tok))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.method.lr, weight_decay=cfg.train.weight_decay,
                             fused=cfg.train.optimizer == "adamw_torch_fused")   # as the Trainer builds it
@@ -261,6 +266,10 @@ def markdown(result, argv: str) -> str:
         opt = f"{r['optimizer_state_bytes'] / 2**20:.2f}" if "optimizer_state_bytes" in r else "-"
         tp = f"{r['trainable_params']:,} ({r['trainable_params_without_head']:,})" if "trainable_params" in r else "-"
         lines.append(f"| {m} | {r['step_seconds']:.3f} | {r['step_ratio']:.2f} | {mem} | {opt} | {tp} |")
+    variants = [f"`{v}` is {m} with {' '.join(o)}" for v, (m, o) in VARIANTS.items() if v in result["train"]]
+    if variants:
+        lines += ["", "Variants: " + "; ".join(variants) + " (no dropout in the frozen embeddings and the blocks "
+                  "below the lowest trainable one). `forward_only` is full's forward in training mode, no backward."]
     lines += ["", "Where a training step's time goes (median seconds per phase; ÷ the same phase of full):", "",
               "| method | forward | backward | optimizer |", "|---|---|---|---|"]
     full = result["train"]["full"]

@@ -93,3 +93,25 @@ def transformer_blocks(model) -> list[tuple[str, torch.nn.Module]]:
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and re.search(r"(layer|layers|h|blocks)$", name):
             return [(f"{name}.{i}", block) for i, block in enumerate(module)]
     raise UserError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def frozen_bottom(model) -> list[tuple[str, torch.nn.Module]]:
+    """The embeddings and the blocks below the lowest block that trains: a fixed function of the input, so
+    dropout there is only noise (and costs time on a CPU). Empty when a trainable parameter lives outside
+    the blocks and the head (trainable embeddings, or a prefix encoder that feeds every block)."""
+    blocks = transformer_blocks(model)
+    owners = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and not is_head(name):
+            owner = next((i for i, (block, _) in enumerate(blocks) if name.startswith(block + ".")), None)
+            if owner is None:
+                return []
+            owners.append(owner)
+    first = blocks[0][0]
+    before = []   # the top-most modules registered before the first block, other than its ancestors
+    for name, module in model.named_modules():
+        if name == first:
+            break
+        if name and not first.startswith(name + ".") and not any(name.startswith(b + ".") for b, _ in before):
+            before.append((name, module))
+    return before + blocks[:min(owners, default=len(blocks))]

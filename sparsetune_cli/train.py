@@ -22,7 +22,7 @@ from .data import load_task, tokenize
 from .errors import UserError
 from .methods import count_params, get_method
 from .methods.base import WEIGHTS
-from .models import load_model, load_tokenizer
+from .models import frozen_bottom, load_model, load_tokenizer
 from .results import METRICS_FILE, file_sha256, classification_metrics, package_versions, read_metrics, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,21 @@ def class_weighted_loss(train_labels, num_labels: int):
     return loss, weights
 
 
+def prepare_model(cfg, method, model, context: dict):
+    """The method's prepare, then train.frozen_dropout=false: the frozen bottom (embeddings and the blocks
+    below the lowest trainable one) stays in eval mode, although the Trainer calls model.train() each step."""
+    model = method.prepare(model, context=context)
+    if not cfg.train.frozen_dropout:
+        for _, module in frozen_bottom(model):
+            module.register_forward_pre_hook(_stay_in_eval)
+    return model
+
+
+def _stay_in_eval(module, args) -> None:
+    if module.training:
+        module.eval()
+
+
 def method_context(cfg, data, datasets, tokenizer, run_dir: Path | None = None) -> dict:
     """What Method.prepare gets for a new run: the sparse method mines and probes from it."""
     return {"train": datasets["train"], "rows": data.splits["train"], "collator": DataCollatorWithPadding(tokenizer),
@@ -288,7 +303,7 @@ def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previ
     context = method_context(cfg, data, datasets, tokenizer, run_dir if main else None)
     collator = context["collator"]
     t0 = time.perf_counter()
-    model = method.prepare(model, context=context)
+    model = prepare_model(cfg, method, model, context)
     prepare_seconds = time.perf_counter() - t0
 
     positive = data.labels.index(str(cfg.task.positive_label)) if cfg.task.get("positive_label") is not None else None

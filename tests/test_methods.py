@@ -118,3 +118,42 @@ def test_prefix_export_says_why_it_cannot_merge(data_dir):
     model = method.prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
     with pytest.raises(UserError, match="cannot be merged"):
         method.export(model)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("method_name,extra,bottom_blocks", [
+    ("sparse", ["method.depth=1"], 1), ("layer_select", ["method.num_blocks=1"], 1), ("head_only", [], 2),
+    ("lora", [], 0), ("full", [], None), ("bitfit", [], None), ("prefix", [], None)])
+def test_frozen_bottom_is_what_lies_below_the_lowest_trainable_block(backbone, method_name, extra, bottom_blocks,
+                                                                     data_dir):
+    from sparsetune_cli.models import frozen_bottom, transformer_blocks
+    cfg, tok, data, ds, collator, context = setup(backbone, method_name, data_dir, extra)
+    model = get_method(cfg.method).prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
+    names = [n for n, _ in frozen_bottom(model)]
+    if bottom_blocks is None:   # trainable embeddings or a prefix feed every block: nothing is fixed
+        assert names == []
+        return
+    blocks = [n for n, _ in transformer_blocks(model)]
+    assert len(names) == 1 + bottom_blocks and names[1:] == blocks[:bottom_blocks]   # the embeddings, then blocks
+    assert names[0].endswith("embeddings" if backbone == "tiny-encoder" else "embed_tokens")
+
+
+def test_frozen_dropout_false_makes_the_frozen_bottom_deterministic_while_the_top_keeps_dropout(data_dir):
+    from sparsetune_cli.models import transformer_blocks
+    from sparsetune_cli.train import prepare_model
+    outputs = {}
+    for frozen_dropout in (True, False):
+        cfg, tok, data, ds, collator, context = setup("tiny-encoder", "sparse", data_dir,
+                                                      ["method.depth=1", f"train.frozen_dropout={frozen_dropout}"])
+        model = prepare_model(cfg, get_method(cfg.method), load_model(cfg.backbone, len(data.labels), tok), context)
+        (_, low), (_, top) = transformer_blocks(model)
+        seen = []
+        low.register_forward_hook(lambda m, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        batch = collator([ds["train"][j] for j in range(8)])
+        logits = []
+        for _ in range(2):
+            model.train()   # as the Trainer does before every step
+            logits.append(model(**batch).logits)
+        outputs[frozen_dropout] = (torch.equal(*seen), torch.equal(*logits), top.training, low.training)
+    assert outputs[True] == (False, False, True, True)      # default: dropout everywhere, as before
+    assert outputs[False] == (True, False, True, False)     # fixed bottom; the trainable top still drops out
