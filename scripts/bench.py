@@ -7,11 +7,12 @@ method in a child process (RSS on CPU, max allocated on CUDA), since one process
 split between methods. Writes JSON and a Markdown table.
 
     python scripts/bench.py                 # MiniLM, batch 32 x 64 tokens, 20 timed steps
-    python scripts/bench.py --quick         # under a minute: fewer steps and methods' memory skipped
+    python scripts/bench.py --quick         # about a minute: batch 16, 3 steps, no variants, no memory
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -34,11 +35,28 @@ from sparsetune_cli.methods import count_params, get_method  # noqa: E402
 from sparsetune_cli.models import load_model, load_tokenizer  # noqa: E402
 from sparsetune_cli.train import method_context, prepare_model  # noqa: E402
 
-TRAIN_METHODS = ["full", "sparse", "lora", "layer_select", "prefix", "bitfit", "head_only",
-                 "sparse_no_frozen_dropout", "head_only_no_frozen_dropout"]
+TRAIN_METHODS = ["full", "sparse", "lora", "layer_select", "prefix", "bitfit", "head_only"]
 # Rows that are a method with other settings: name -> (method, config overrides)
 VARIANTS = {"sparse_no_frozen_dropout": ("sparse", ["train.frozen_dropout=false"]),
             "head_only_no_frozen_dropout": ("head_only", ["train.frozen_dropout=false"])}
+
+
+_data_cache: dict = {}
+
+
+def fixed_batches(cfg, seq_len: int, batch_size: int, n: int):
+    """Tokenizer, task data, tokenized splits and n batches of exactly batch_size x seq_len (padded to the
+    full length so methods see equal work); loaded once and shared by every method."""
+    key = (cfg.backbone.name, cfg.task.name, seq_len, batch_size, n)
+    if key not in _data_cache:
+        tok = load_tokenizer(cfg.backbone)
+        data = load_task(cfg.task, cfg.data_dir)
+        ds, _ = tokenize(data, tok, seq_len)
+        rows = [ds["train"][i] for i in range(batch_size * n)]
+        batches = [tok.pad(rows[b * batch_size:(b + 1) * batch_size], padding="max_length", max_length=seq_len,
+                           return_tensors="pt") for b in range(n)]
+        _data_cache[key] = tok, data, ds, batches
+    return _data_cache[key]
 
 
 def build(args, name: str):
@@ -47,15 +65,7 @@ def build(args, name: str):
     cfg = compose([f"backbone={args.backbone}", f"method={method_name}", f"task={args.task}",
                    f"train.batch_size={args.batch_size}", f"task.max_length={args.seq_len}",
                    f"task.train_limit={max(args.batch_size * 20, 400)}", *overrides])
-    tok = load_tokenizer(cfg.backbone)
-    data = load_task(cfg.task, cfg.data_dir)
-    ds, _ = tokenize(data, tok, args.seq_len)
-    # Every batch exactly batch_size x seq_len: pad to the full length so methods see equal work.
-    rows = [ds["train"][i] for i in range(args.batch_size * args.batches)]
-    batches = []
-    for b in range(args.batches):
-        chunk = rows[b * args.batch_size:(b + 1) * args.batch_size]
-        batches.append(tok.pad(chunk, padding="max_length", max_length=args.seq_len, return_tensors="pt"))
+    tok, data, ds, batches = fixed_batches(cfg, args.seq_len, args.batch_size, args.batches)
     model = load_model(cfg.backbone, len(data.labels), tok, seed=0)
     method = get_method(cfg.method)
     model = prepare_model(cfg, method, model, method_context(cfg, data, ds, tok))
@@ -173,14 +183,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="minilm")
     p.add_argument("--task", default="intent")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="default 32 (16 with --quick)")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batches", type=int, default=4, help="distinct fixed batches cycled through")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--methods", default=",".join(TRAIN_METHODS))
-    p.add_argument("--quick", action="store_true", help="5 steps, 1 warm-up, no memory children")
+    p.add_argument("--methods", help=f"comma-separated (default: all of {TRAIN_METHODS + list(VARIANTS)}; "
+                                     "--quick leaves out the variants)")
+    p.add_argument("--quick", action="store_true", help="batch 16, 3 steps, 1 warm-up, no variants or memory children")
     p.add_argument("--skip-memory", action="store_true", help="no memory children (timing only)")
     p.add_argument("--out", default=str(REPO / "results" / "bench"))
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
@@ -189,8 +200,9 @@ def main():
     if args.memory_of:
         return run_memory_child(args)
     if args.quick:
-        args.steps, args.warmup, args.batches = 5, 1, 2
-    methods = args.methods.split(",")
+        args.steps, args.warmup, args.batches = 3, 1, 2
+    args.batch_size = args.batch_size or (16 if args.quick else 32)
+    methods = args.methods.split(",") if args.methods else TRAIN_METHODS + ([] if args.quick else list(VARIANTS))
     assert "full" in methods, "ratios are to full finetuning: keep it in --methods"
 
     built = {m: build(args, m) for m in methods}
@@ -219,16 +231,14 @@ def main():
                                            compose([f"backbone={args.backbone}"]).backbone))}
     if "sparse" in built:
         infer_models["sparse_merged"] = built["sparse"][1].export(built["sparse"][0])
-    if "lora" in built:
+    if "lora" in built:  # merge a copy: merge_and_unload changes the module in place
         infer_models["lora_unmerged"] = built["lora"][0]
+        infer_models["lora_merged"] = copy.deepcopy(built["lora"][0]).merge_and_unload()
     if "prefix" in built:
         infer_models["prefix"] = built["prefix"][0]
-    infer_jobs = {k: (lambda b, m=m: infer(m, b)) for k, m in infer_models.items()}
-    inf = interleaved(infer_jobs, args.steps, args.warmup, batches)
-    if "lora" in built:  # merge after the unmerged timing: merge_and_unload changes the module in place
-        merged = built["lora"][0].merge_and_unload()
-        inf.update(interleaved({"base": infer_jobs["base"], "lora_merged": lambda b: infer(merged, b)},
-                               args.steps, args.warmup, batches))
+    # One interleaved pass for all, so every ratio to base compares rounds run under the same load
+    inf = interleaved({k: (lambda b, m=m: infer(m, b)) for k, m in infer_models.items()},
+                      args.steps, args.warmup, batches)
     throughput = {k: args.batch_size / v for k, v in inf.items()}
 
     full = rows["full"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,8 +28,26 @@ commands:
 `sparsetune run --help` lists the config groups and their options.
 """
 
-# A run folder name for the overrides that are not already part of the path.
-OmegaConf.register_new_resolver("run_tag", lambda s: s.replace("/", "_") if s else "default", replace=True)
+def run_tag(overrides: str) -> str:
+    """A run folder name for the overrides that are not already part of the path. Scalars are spelled as
+    Hydra's multirun spells them (`false` -> `False`, `1e-2` -> `0.01`), so `run` and `run -m` of one
+    config find the same folder."""
+    return re.sub(r"(?<==)[^,=\[\]{}()'\"]+(?=,|$)", lambda m: _python_scalar(m.group()),
+                  overrides).replace("/", "_") or "default"
+
+
+def _python_scalar(text: str) -> str:
+    if text.lower() in ("true", "false"):
+        return text.capitalize()
+    for kind in (int, float):
+        try:
+            return str(kind(text))
+        except ValueError:
+            pass
+    return text
+
+
+OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
 
 
 def _fail(message: str) -> None:

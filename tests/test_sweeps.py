@@ -72,6 +72,19 @@ def test_keys_that_do_not_change_results_stay_out_of_folder_names():
     assert set(NON_RESULT_KEYS) - {"method.lr_grid"} <= excluded
 
 
+def test_run_and_multirun_of_one_config_use_one_folder(tmp_path, data_dir):
+    overrides = ["method=head_only", "method.lr=1e-2", "train.frozen_dropout=false", "task.coarse=true", *TINY_JOB,
+                 f"output_root={tmp_path}", f"data_dir={data_dir}"]
+    single = sparsetune("run", *overrides)
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = sparsetune("run", "-m", *overrides)
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    assert "already completed" in multi.stdout + multi.stderr
+    [folder] = records(tmp_path)   # one folder, named as multirun spells the values
+    assert folder.startswith("runs/trec/tiny-encoder/head_only/method.lr=0.01,task.coarse=True,")
+    assert "train.frozen_dropout=False" in folder
+
+
 def test_unknown_launcher_lists_the_installed_ones():
     proc = sparsetune("run", "hydra/launcher=nope", timeout=120)
     assert proc.returncode != 0
