@@ -124,6 +124,12 @@ class RunGuard(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The Trainer ends a stopped epoch as a finished one, evaluating mid-epoch. That score would
+        # enter the history and the best-checkpoint choice, which an uninterrupted run never sees.
+        if self.stop_signal is not None and abs(state.epoch - round(state.epoch)) > 1e-6:
+            control.should_evaluate = False
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):

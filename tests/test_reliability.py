@@ -32,9 +32,9 @@ def test_sigterm_saves_and_rerun_resumes_to_the_same_result(tmp_path, data_dir):
     args = [str(BIN), "run", *LONG, f"output_root={out}", f"data_dir={data_dir}"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline:       # wait until training is well into the first epoch
-        logs = list(out.rglob("log.csv"))
-        if logs and any(line.startswith(("40,", "45,", "50,")) for line in logs[0].read_text().splitlines()):
+    while time.time() < deadline:       # wait until training is into the second epoch (75 steps each), so that
+        logs = list(out.rglob("log.csv"))  # the epoch-1 validation is recorded before the cut
+        if logs and any(line.startswith(("90,", "95,", "100,")) for line in logs[0].read_text().splitlines()):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
@@ -43,7 +43,7 @@ def test_sigterm_saves_and_rerun_resumes_to_the_same_result(tmp_path, data_dir):
     cut = metrics_of(out)
     assert cut["status"] == "interrupted" and "resume" in cut["error"]
     assert list(out.rglob("checkpoint-*")), "no checkpoint was saved on SIGTERM"
-    assert 0 < cut["cost"]["steps"] < metrics_of(tmp_path / "ref")["cost"]["steps"]
+    assert 75 < cut["cost"]["steps"] < metrics_of(tmp_path / "ref")["cost"]["steps"]
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -52,6 +52,10 @@ def test_sigterm_saves_and_rerun_resumes_to_the_same_result(tmp_path, data_dir):
     for split in ("validation", "test"):
         for key, value in want["metrics"][split].items():
             assert done["metrics"][split][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (split, key)
+    # the per-epoch validation scores too, including the one computed before the cut
+    assert [h["step"] for h in done["history"]] == [h["step"] for h in want["history"]] == [75, 150]
+    for got, ref_entry in zip(done["history"], want["history"]):
+        assert got["accuracy"] == pytest.approx(ref_entry["accuracy"], abs=1e-6), got["step"]
 
 
 def test_same_seed_gives_identical_metrics(tmp_path, data_dir):
