@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import load_task, tokenize
+from .data import load_task, longest_first, tokenize
 from .errors import UserError
 from .methods import count_params, get_method
 from .methods.base import WEIGHTS
@@ -299,6 +299,8 @@ def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previ
     tokenizer = load_tokenizer(cfg.backbone)
     data = load_task(cfg.task, cfg.data_dir, cfg.seed)
     datasets, truncated = tokenize(data, tokenizer, cfg.task.max_length)
+    for split in ("validation", "test"):   # scores do not depend on row order; padding does
+        datasets[split] = longest_first(datasets[split])
     if main:
         (run_dir / "labels.json").write_text(json.dumps(data.labels))
     record["data"] = {"source": data.source, "num_labels": len(data.labels),
@@ -353,15 +355,21 @@ def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previ
 
     t0 = time.perf_counter()
     metrics = {}
+    # The best checkpoint, loaded at the end, had its validation scores logged when it was chosen:
+    # reuse them rather than run that pass again.
+    logged = {e["step"]: e for e in trainer.state.log_history if f"eval_{headline}" in e}
+    best = logged.get(trainer.state.best_global_step)
     for split in ("validation", "test"):
-        res = trainer.evaluate(datasets[split], metric_key_prefix=split)
-        metrics[split] = {k[len(split) + 1:]: v for k, v in res.items()
-                          if k[len(split) + 1:] in ("accuracy", "macro_f1", "f1", "loss")}
+        if split == "validation" and best is not None:
+            res, prefix = best, "eval_"
+        else:
+            res, prefix = trainer.evaluate(datasets[split], metric_key_prefix=split), f"{split}_"
+        metrics[split] = {k[len(prefix):]: v for k, v in res.items()
+                          if k.startswith(prefix) and k[len(prefix):] in ("accuracy", "macro_f1", "f1", "loss")}
     record["metrics"] = metrics
-    record["cost"]["eval_seconds"] = time.perf_counter() - t0   # the final validation and test passes
-    record["history"] = [{"step": e["step"], "epoch": e.get("epoch"), headline: e.get(f"eval_{headline}"),
-                          "seconds": guard.eval_times.get(e["step"])}
-                         for e in trainer.state.log_history if f"eval_{headline}" in e]
+    record["cost"]["eval_seconds"] = time.perf_counter() - t0   # the final test pass (and validation if not logged)
+    record["history"] = [{"step": step, "epoch": e.get("epoch"), headline: e[f"eval_{headline}"],
+                          "seconds": guard.eval_times.get(step)} for step, e in logged.items()]
     record["cost"]["world_size"] = trainer.args.world_size   # > 1 under DDP (torchrun)
     if not main:
         return record

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from conftest import compose
-from sparsetune_cli.data import carve_validation, load_task, read_jsonl, tokenize
+from sparsetune_cli.data import carve_validation, load_task, longest_first, read_jsonl, tokenize
 from sparsetune_cli.errors import UserError
 
 EXPECTED = {  # task -> (number of train labels, input format)
@@ -70,6 +70,17 @@ def test_truncation_is_counted(data_dir):
     data = load_task(cfg.task, cfg.data_dir)
     ds, truncated = tokenize(data, load_tokenizer(cfg.backbone), 32)
     assert truncated["train"] > 0 and max(len(x) for x in ds["train"]["input_ids"]) == 32
+
+
+def test_evaluation_order_is_longest_first_and_keeps_each_row_whole(data_dir):
+    from sparsetune_cli.models import load_tokenizer
+    cfg = compose(["task=banking77", f"data_dir={data_dir}", "task.eval_limit=300"])
+    ds, _ = tokenize(load_task(cfg.task, cfg.data_dir), load_tokenizer(cfg.backbone), cfg.task.max_length)
+    sorted_ds = longest_first(ds["validation"])
+    lengths = [len(x) for x in sorted_ds["input_ids"]]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
+    pairs = lambda d: sorted(zip(map(tuple, d["input_ids"]), d["labels"]))  # noqa: E731
+    assert pairs(sorted_ds) == pairs(ds["validation"])
 
 
 def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path):

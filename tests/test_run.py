@@ -80,6 +80,26 @@ def test_predict_labels_texts(finished_run):
     assert max(out["probabilities"].values()) == out["probabilities"][out["label"]]
 
 
+def test_saved_model_reproduces_the_recorded_scores(tmp_path, data_dir):
+    # Validation scores are the ones logged when the best checkpoint was chosen (not a second pass) and test
+    # is scored longest-first: the saved model, predicting each split in file order, must agree with both.
+    from conftest import run_tiny
+    from sparsetune_cli.data import load_task
+    from sparsetune_cli.predict import load_run, predict
+    rec, run_dir = run_tiny(tmp_path, ["method=sparse", "task=trec", "task.coarse=true", f"data_dir={data_dir}",
+                                       "method.lr=0.03", "train.epochs=2", "train.eval_every=3"])
+    history = [h["accuracy"] for h in rec["history"]]
+    assert len(history) >= 4 and history[-1] < max(history)   # the best checkpoint is not the last one
+    assert rec["metrics"]["validation"]["accuracy"] == max(history)
+    run = load_run(run_dir)
+    data = load_task(run.cfg.task, run.cfg.data_dir, run.cfg.seed)
+    for split in ("validation", "test"):
+        rows = data.splits[split]
+        predicted = predict(run, [r["text"] for r in rows]).argmax(-1).tolist()
+        accuracy = sum(run.labels[p] == r["label"] for p, r in zip(predicted, rows)) / len(rows)
+        assert accuracy == pytest.approx(rec["metrics"][split]["accuracy"], abs=1e-9), split
+
+
 def test_predict_refuses_a_changed_weights_file(finished_run, tmp_path):
     import shutil
     run_dir, _ = finished_run
