@@ -34,6 +34,7 @@ NON_RESULT_KEYS = ("output_root", "data_dir", "force", "train.logger", "train.ke
                    "train.threads", "train.progress", "train.logging_steps", "method.lr_grid")
 
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")   # the same AdamW; fused is one kernel per step
+SAMPLING = ("random", "group_by_length")        # the Trainer's train_sampling_strategy
 LOGGERS = {"csv": "none", "none": "none", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
@@ -46,6 +47,7 @@ def validate_config(cfg) -> None:
         (t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1"),
         (t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, ">= 1"),
         (t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1"),
+        (t.sampling in SAMPLING, "train.sampling", t.sampling, " or ".join(SAMPLING)),
         (cfg.method.lr > 0, "method.lr", cfg.method.lr, "> 0"),
         (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0"),
         (0 <= t.warmup < 1 or (t.warmup >= 1 and float(t.warmup).is_integer()), "train.warmup", t.warmup,
@@ -159,6 +161,7 @@ def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
         num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
         gradient_accumulation_steps=t.grad_accum,
+        train_sampling_strategy=t.sampling,
         learning_rate=cfg.method.lr, weight_decay=t.weight_decay, lr_scheduler_type=t.scheduler,
         warmup_steps=float(t.warmup) if t.warmup < 1 else int(t.warmup),  # a float below 1 is a ratio
         max_grad_norm=t.max_grad_norm, optim=t.optimizer,

@@ -51,7 +51,7 @@ def test_unknown_group_option_lists_the_choices():
     ("train.epochs=-1", "train.epochs"), ("method.lr=-0.1", "method.lr"), ("train.batch_size=0", "train.batch_size"),
     ("method.budget=1.5", "method.budget"), ("method.budget=0", "method.budget"),
     ("task.max_length=100000", "task.max_length"), ("train.precision=fp8", "train.precision"),
-    ("task.class_weight=inverse", "task.class_weight"),
+    ("task.class_weight=inverse", "task.class_weight"), ("train.sampling=sorted", "train.sampling"),
 ])
 def test_out_of_range_values_fail_naming_the_key(override, key):
     cfg = compose([override])

@@ -139,3 +139,27 @@ def test_balanced_class_weight_trains_and_is_recorded(tmp_path, data_dir):
     w = record["data"]["class_weight"]
     # about 10% matches in Abt-Buy: the match class weighs about 9x the other
     assert set(w) == {"0", "1"} and 6 < w["1"] / w["0"] < 12
+
+
+def test_group_by_length_sampling_pads_less_than_random(tmp_path, data_dir):
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from conftest import compose
+    from sparsetune_cli.data import load_task, tokenize
+    from sparsetune_cli.models import load_model, load_tokenizer
+    from sparsetune_cli.train import training_arguments
+    padded = {}
+    for sampling in ("random", "group_by_length"):
+        cfg = compose(["backbone=tiny-encoder", "task=srl", f"data_dir={data_dir}", "task.train_limit=640",
+                       f"train.sampling={sampling}"])
+        tok = load_tokenizer(cfg.backbone)
+        data = load_task(cfg.task, cfg.data_dir)
+        ds, _ = tokenize(data, tok, cfg.task.max_length)
+        trainer = Trainer(model=load_model(cfg.backbone, len(data.labels), tok), train_dataset=ds["train"],
+                          eval_dataset=ds["validation"],
+                          args=training_arguments(cfg, tmp_path / sampling, "accuracy"),
+                          data_collator=DataCollatorWithPadding(tok))
+        batches = list(trainer.get_train_dataloader())
+        assert sum(len(b["labels"]) for b in batches) == 640          # every row once per epoch
+        padded[sampling] = sum(b["input_ids"].numel() for b in batches)
+    assert padded["group_by_length"] < 0.8 * padded["random"], padded
