@@ -66,17 +66,19 @@ def parse_input(task, line: str) -> tuple[str, str | None]:
 
 @torch.no_grad()
 def predict(run: LoadedRun, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Class probabilities, one row per input."""
+    """Class probabilities, one row per input, in input order. Batches go longest first, so that each
+    pads to about its own inputs' length."""
     inputs = [parse_input(run.cfg.task, t) for t in texts]
-    out = []
-    for i in range(0, len(inputs), batch_size):
-        chunk = inputs[i:i + batch_size]
-        pairs = [b for _, b in chunk] if chunk[0][1] is not None else None
-        enc = run.tokenizer([a for a, _ in chunk], pairs, truncation=True, max_length=run.cfg.task.max_length,
-                            padding=True, return_tensors="pt")
-        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        out.append(torch.softmax(run.model(**enc).logits.float(), -1))
-    return torch.cat(out) if out else torch.empty(0, len(run.labels))
+    pairs = [b for _, b in inputs] if inputs and inputs[0][1] is not None else None
+    enc = run.tokenizer([a for a, _ in inputs], pairs, truncation=True, max_length=run.cfg.task.max_length)
+    keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    order = sorted(range(len(inputs)), key=lambda i: -len(enc["input_ids"][i]))
+    probs = torch.empty(len(inputs), len(run.labels))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = run.tokenizer.pad({k: [enc[k][i] for i in rows] for k in keep}, return_tensors="pt")
+        probs[rows] = torch.softmax(run.model(**batch).logits.float(), -1)
+    return probs
 
 
 def format_predictions(run: LoadedRun, probs: torch.Tensor, texts: list[str], as_json=False, top: int = 3) -> list[str]:

@@ -83,6 +83,8 @@ def test_predict_labels_texts(finished_run):
 def test_saved_model_reproduces_the_recorded_scores(tmp_path, data_dir):
     # Validation scores are the ones logged when the best checkpoint was chosen (not a second pass) and test
     # is scored longest-first: the saved model, predicting each split in file order, must agree with both.
+    import torch
+
     from conftest import run_tiny
     from sparsetune_cli.data import load_task
     from sparsetune_cli.predict import load_run, predict
@@ -95,7 +97,9 @@ def test_saved_model_reproduces_the_recorded_scores(tmp_path, data_dir):
     data = load_task(run.cfg.task, run.cfg.data_dir, run.cfg.seed)
     for split in ("validation", "test"):
         rows = data.splits[split]
-        predicted = predict(run, [r["text"] for r in rows]).argmax(-1).tolist()
+        probs = predict(run, [r["text"] for r in rows])
+        assert torch.allclose(predict(run, [r["text"] for r in rows[::-1]], batch_size=7), probs.flip(0), atol=1e-5)
+        predicted = probs.argmax(-1).tolist()
         accuracy = sum(run.labels[p] == r["label"] for p, r in zip(predicted, rows)) / len(rows)
         assert accuracy == pytest.approx(rec["metrics"][split]["accuracy"], abs=1e-9), split
 
