@@ -88,22 +88,28 @@ def _field(row: dict, key: str) -> str:
     return str(row[key])
 
 
-def format_row(task, row: dict) -> dict:
-    """One raw row -> {"text", "text_pair", "label"} following the task's input format."""
+def row_formatter(task):
+    """A function from one raw row to {"text", "text_pair", "label"} following the task's input format.
+    It reads the task config once: OmegaConf lookups per row took 10 of 11 seconds of loading CLINC150."""
     label_field = "label_coarse" if task.get("coarse") else task.label_field
-    label = _field(row, label_field)
-    if task.format == "text":
-        text, pair = _field(row, task.text_field), None
-    elif task.format == "pair":
-        a, b = task.text_fields
-        text, pair = _field(row, a), _field(row, b)
-    elif task.format == "srl":
-        text, pair = srl_input(row)
-    else:
-        raise UserError(f"task.format={task.format!r} is not one of text, pair, srl")
-    if not text.strip():
-        raise UserError(f"{row['_where']}: empty text; remove the row or fill it in")
-    return {"text": text, "text_pair": pair, "label": label}
+    fmt, text_field, text_fields = task.format, task.get("text_field"), task.get("text_fields")
+    if fmt not in ("text", "pair", "srl"):
+        raise UserError(f"task.format={fmt!r} is not one of text, pair, srl")
+    if fmt == "pair" and (text_fields is None or len(text_fields) != 2):
+        raise UserError(f"task.text_fields={text_fields}: a pair task names two fields, e.g. [text_a, text_b]")
+
+    def format_row(row: dict) -> dict:
+        label = _field(row, label_field)
+        if fmt == "text":
+            text, pair = _field(row, text_field), None
+        elif fmt == "pair":
+            text, pair = _field(row, text_fields[0]), _field(row, text_fields[1])
+        else:
+            text, pair = srl_input(row)
+        if not text.strip():
+            raise UserError(f"{row['_where']}: empty text; remove the row or fill it in")
+        return {"text": text, "text_pair": pair, "label": label}
+    return format_row
 
 
 def srl_input(row: dict) -> tuple[str, str]:
@@ -123,15 +129,17 @@ def load_task(task, data_dir: str | None, seed: int = 0) -> TaskData:
     raw, source = _read_local(task, data_dir)
     if raw is None:
         raw, source = _read_hub(task, data_dir)
-    splits = {name: [format_row(task, r) for r in rows] for name, rows in raw.items()}
+    format_row = row_formatter(task)
+    splits = {name: [format_row(r) for r in rows] for name, rows in raw.items()}
     if "validation" not in splits:
         splits["train"], splits["validation"] = carve_validation(
             splits["train"], task.validation_fraction, task.split_seed)
     labels = sorted({r["label"] for r in splits["train"]})
     if len(labels) < 2:
         raise UserError(f"{source}: the train split has a single class ({labels}); a classifier needs two or more")
+    known = set(labels)
     for name in ("validation", "test"):
-        unseen = sum(r["label"] not in set(labels) for r in splits[name])
+        unseen = sum(r["label"] not in known for r in splits[name])
         if unseen:
             log.warning("%d %s examples have labels absent from train; they count as wrong", unseen, name)
     if task.get("train_limit"):
