@@ -69,7 +69,9 @@ def predict(run: LoadedRun, texts: list[str], batch_size: int = 64) -> torch.Ten
     """Class probabilities, one row per input, in input order. Batches go longest first, so that each
     pads to about its own inputs' length."""
     inputs = [parse_input(run.cfg.task, t) for t in texts]
-    pairs = [b for _, b in inputs] if inputs and inputs[0][1] is not None else None
+    if not inputs:
+        return torch.empty(0, len(run.labels))
+    pairs = [b for _, b in inputs] if inputs[0][1] is not None else None
     enc = run.tokenizer([a for a, _ in inputs], pairs, truncation=True, max_length=run.cfg.task.max_length)
     keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     order = sorted(range(len(inputs)), key=lambda i: -len(enc["input_ids"][i]))
