@@ -145,25 +145,27 @@ def test_balanced_class_weight_trains_and_is_recorded(tmp_path, data_dir):
     assert set(w) == {"0", "1"} and 6 < w["1"] / w["0"] < 12
 
 
-def test_group_by_length_sampling_pads_less_than_random(tmp_path, data_dir):
-    from transformers import DataCollatorWithPadding, Trainer
+def test_group_by_length_sampling_pads_less_than_random_and_keeps_evaluation_longest_first(tmp_path, data_dir):
+    from transformers import DataCollatorWithPadding
 
     from conftest import compose
-    from sparsetune_cli.data import load_task, tokenize
+    from sparsetune_cli.data import load_task, longest_first, tokenize
     from sparsetune_cli.models import load_model, load_tokenizer
-    from sparsetune_cli.train import training_arguments
+    from sparsetune_cli.train import SparsetuneTrainer, training_arguments
     padded = {}
     for sampling in ("random", "group_by_length"):
         cfg = compose(["backbone=tiny-encoder", "task=srl", f"data_dir={data_dir}", "task.train_limit=640",
-                       f"train.sampling={sampling}"])
+                       "task.eval_limit=300", f"train.sampling={sampling}"])
         tok = load_tokenizer(cfg.backbone)
         data = load_task(cfg.task, cfg.data_dir)
         ds, _ = tokenize(data, tok, cfg.task.max_length)
-        trainer = Trainer(model=load_model(cfg.backbone, len(data.labels), tok), train_dataset=ds["train"],
-                          eval_dataset=ds["validation"],
-                          args=training_arguments(cfg, tmp_path / sampling, "accuracy"),
-                          data_collator=DataCollatorWithPadding(tok))
+        trainer = SparsetuneTrainer(model=load_model(cfg.backbone, len(data.labels), tok), train_dataset=ds["train"],
+                                    eval_dataset=longest_first(ds["validation"]),
+                                    args=training_arguments(cfg, tmp_path / sampling, "accuracy"),
+                                    data_collator=DataCollatorWithPadding(tok))
         batches = list(trainer.get_train_dataloader())
         assert sum(len(b["labels"]) for b in batches) == 640          # every row once per epoch
         padded[sampling] = sum(b["input_ids"].numel() for b in batches)
+        widths = [b["input_ids"].shape[1] for b in trainer.get_eval_dataloader()]
+        assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1], (sampling, widths)
     assert padded["group_by_length"] < 0.8 * padded["random"], padded
