@@ -79,8 +79,9 @@ def test_evaluation_order_is_longest_first_and_keeps_each_row_whole(data_dir):
     sorted_ds = longest_first(ds["validation"])
     lengths = [len(x) for x in sorted_ds["input_ids"]]
     assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
-    pairs = lambda d: sorted(zip(map(tuple, d["input_ids"]), d["labels"]))  # noqa: E731
-    assert pairs(sorted_ds) == pairs(ds["validation"])
+    def rows(d):
+        return sorted(zip(map(tuple, d["input_ids"]), d["labels"]))
+    assert rows(sorted_ds) == rows(ds["validation"])
 
 
 def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path):
