@@ -85,7 +85,7 @@ def _hydra_run(args: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .train import run
+    from .results import completed_run
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
     def app(cfg):
@@ -94,7 +94,10 @@ def _hydra_run(args: list[str]) -> None:
         if hc.mode.name == "MULTIRUN" and "joblib" in hc.launcher._target_.lower():
             pin_gpu(hc.job.num)
         try:
-            record = run(cfg, run_dir)
+            record = completed_run(cfg, run_dir)   # before importing torch: a resumed sweep skips in seconds
+            if record is None:
+                from .train import run
+                record = run(cfg, run_dir)
         except UserError as e:
             if hc.mode.name == "MULTIRUN":  # one bad job must not stop the sweep
                 logging.getLogger("sparsetune").error("%s: %s", run_dir, e)

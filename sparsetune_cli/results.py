@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -10,15 +11,21 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
+from omegaconf import OmegaConf
+
+from .errors import UserError
 
 METRICS_FILE = "metrics.json"
+# Config keys that never change a run's results (they are also left out of run folder names).
+NON_RESULT_KEYS = ("output_root", "data_dir", "force", "train.logger", "train.keep_checkpoints", "train.num_workers",
+                   "train.threads", "train.progress", "train.logging_steps", "method.lr_grid")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, positive: int | None = None) -> dict:
     """accuracy, macro-F1 and, for a binary task, F1 of the positive class. Labels of -100
     (classes never seen in train) are kept and always count as wrong."""
+    from sklearn.metrics import accuracy_score, f1_score
     preds = logits.argmax(-1)
     present = sorted((set(labels.tolist()) | set(preds.tolist())) - {-100})
     out = {"accuracy": float(accuracy_score(labels, preds)),
@@ -60,6 +67,34 @@ def read_metrics(run_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys set in both configs whose values differ, leaving out keys that do not change results."""
+    changes = []
+    for key in old.keys() & new.keys():
+        path = f"{prefix}{key}"
+        if path in NON_RESULT_KEYS:
+            continue
+        if isinstance(old[key], dict) and isinstance(new[key], dict):
+            changes += config_changes(old[key], new[key], f"{path}.")
+        elif old[key] != new[key]:
+            changes.append(f"{path}: {old[key]!r} -> {new[key]!r}")
+    return sorted(changes)
+
+
+def completed_run(cfg, run_dir: Path) -> dict | None:
+    """The record of a completed run of this config in run_dir, or None (none there, or force=true). A completed
+    run of a different config is refused. Needs no torch, so that a sweep skips finished runs quickly."""
+    previous = read_metrics(run_dir)
+    if not previous or previous.get("status") != "completed" or cfg.force:
+        return None
+    changes = config_changes(previous.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
+    if changes:
+        raise UserError(f"{run_dir} holds a completed run of a different config ({'; '.join(changes[:3])}); "
+                        "pass force=true to replace it, or another output_root")
+    logging.getLogger(__name__).info("%s already completed (force=true to rerun); skipping", run_dir)
+    return previous
 
 
 def package_versions() -> dict:

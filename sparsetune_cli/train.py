@@ -24,15 +24,12 @@ from .errors import UserError
 from .methods import count_params, get_method
 from .methods.base import WEIGHTS
 from .models import frozen_bottom, load_model, load_tokenizer
-from .results import METRICS_FILE, file_sha256, classification_metrics, package_versions, read_metrics, write_json_atomic
+from .results import (METRICS_FILE, classification_metrics, completed_run, file_sha256, package_versions, read_metrics,
+                      write_json_atomic)
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
-
-# Config keys that never change a run's results (they are also left out of run folder names).
-NON_RESULT_KEYS = ("output_root", "data_dir", "force", "train.logger", "train.keep_checkpoints", "train.num_workers",
-                   "train.threads", "train.progress", "train.logging_steps", "method.lr_grid")
 
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")   # the same AdamW; fused is one kernel per step
 SAMPLING = ("random", "group_by_length")        # the Trainer's train_sampling_strategy
@@ -244,31 +241,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Keys set in both configs whose values differ, leaving out keys that do not change results."""
-    changes = []
-    for key in old.keys() & new.keys():
-        path = f"{prefix}{key}"
-        if path in NON_RESULT_KEYS:
-            continue
-        if isinstance(old[key], dict) and isinstance(new[key], dict):
-            changes += config_changes(old[key], new[key], f"{path}.")
-        elif old[key] != new[key]:
-            changes.append(f"{path}: {old[key]!r} -> {new[key]!r}")
-    return sorted(changes)
-
-
 def run(cfg, run_dir: Path) -> dict:
     """Train, evaluate and record one run in run_dir. Skips a completed run; resumes an interrupted one."""
     validate_config(cfg)
+    done = completed_run(cfg, run_dir)
+    if done:
+        return done
     previous = read_metrics(run_dir)
-    if previous and previous.get("status") == "completed" and not cfg.force:
-        changes = config_changes(previous.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
-        if changes:
-            raise UserError(f"{run_dir} holds a completed run of a different config ({'; '.join(changes[:3])}); "
-                            "pass force=true to replace it, or another output_root")
-        log.info("%s already completed (force=true to rerun); skipping", run_dir)
-        return previous
     main = is_main_process()
     if main and cfg.force and (run_dir / CHECKPOINTS).exists():
         shutil.rmtree(run_dir / CHECKPOINTS)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from conftest import compose, run_tiny
 from sparsetune_cli.cli import CONFIG_DIR, pin_gpu
 from sparsetune_cli.errors import UserError
-from sparsetune_cli.train import NON_RESULT_KEYS
+from sparsetune_cli.results import NON_RESULT_KEYS
 
 BIN = Path(sys.executable).parent
 TINY_JOB = ["backbone=tiny-encoder", "task=trec", "task.train_limit=64", "task.eval_limit=32", "train.max_steps=6",
