@@ -317,9 +317,9 @@ def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previ
         record["data"]["class_weight"] = dict(zip(data.labels, (round(w, 4) for w in weights.tolist())))
     callbacks = [guard] + ([CsvLogger(run_dir / "log.csv")] if cfg.train.logger == "csv" else [])
     trainer = SparsetuneTrainer(model=model, args=training_arguments(cfg, run_dir, headline), data_collator=collator,
-                      train_dataset=datasets["train"], eval_dataset=datasets["validation"],
-                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
-                      compute_loss_func=loss_func)
+                                train_dataset=datasets["train"], eval_dataset=datasets["validation"],
+                                processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
+                                compute_loss_func=loss_func)
     resume = get_last_checkpoint(str(run_dir / CHECKPOINTS)) if (run_dir / CHECKPOINTS).is_dir() else None
     if resume:
         log.info("resuming from %s", resume)
