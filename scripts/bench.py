@@ -37,7 +37,7 @@ from sparsetune_cli.train import method_context, prepare_model  # noqa: E402
 
 TRAIN_METHODS = ["full", "sparse", "lora", "layer_select", "prefix", "bitfit", "head_only"]
 # Rows that are a method with other settings: name -> (method, config overrides)
-VARIANTS = {"sparse_no_frozen_dropout": ("sparse", ["train.frozen_dropout=false"]),
+VARIANTS = {"sparse_frozen_dropout": ("sparse", ["train.frozen_dropout=true"]),
             "head_only_no_frozen_dropout": ("head_only", ["train.frozen_dropout=false"])}
 
 

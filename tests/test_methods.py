@@ -155,5 +155,13 @@ def test_frozen_dropout_false_makes_the_frozen_bottom_deterministic_while_the_to
             model.train()   # as the Trainer does before every step
             logits.append(model(**batch).logits)
         outputs[frozen_dropout] = (torch.equal(*seen), torch.equal(*logits), top.training, low.training)
-    assert outputs[True] == (False, False, True, True)      # default: dropout everywhere, as before
+    assert outputs[True] == (False, False, True, True)      # dropout everywhere, as in Hugging Face training
     assert outputs[False] == (True, False, True, False)     # fixed bottom; the trainable top still drops out
+
+
+def test_frozen_dropout_defaults_to_the_methods_own_setting_and_the_train_override_wins():
+    defaults = {name: compose([f"method={name}"]).train.frozen_dropout for name in METHODS}
+    assert defaults == {name: name != "sparse" for name in METHODS}   # only sparse sets false (README)
+    assert compose(["method=sparse", "train.frozen_dropout=true"]).train.frozen_dropout is True
+    assert compose(["method=sparse", "method.frozen_dropout=true"]).train.frozen_dropout is True
+    assert compose(["method=head_only", "train.frozen_dropout=false"]).train.frozen_dropout is False

@@ -88,8 +88,10 @@ def test_saved_model_reproduces_the_recorded_scores(tmp_path, data_dir):
     from conftest import run_tiny
     from sparsetune_cli.data import load_task
     from sparsetune_cli.predict import load_run, predict
+    # (frozen_dropout=true: a seed-0 run whose best checkpoint comes before the last)
     rec, run_dir = run_tiny(tmp_path, ["method=sparse", "task=trec", "task.coarse=true", f"data_dir={data_dir}",
-                                       "method.lr=0.03", "train.epochs=2", "train.eval_every=3"])
+                                       "method.lr=0.03", "train.epochs=2", "train.eval_every=3",
+                                       "train.frozen_dropout=true"])
     history = [h["accuracy"] for h in rec["history"]]
     assert len(history) >= 4 and history[-1] < max(history)   # the best checkpoint is not the last one
     assert rec["metrics"]["validation"]["accuracy"] == max(history)
