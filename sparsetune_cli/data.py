@@ -1,15 +1,18 @@
 """Tasks: read a labeled split from the local bundle (or the hub), turn rows into model inputs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 
 from .errors import UserError
 
@@ -224,8 +227,17 @@ def _sample(rows: list[dict], n: int, seed: int) -> list[dict]:
     return keep
 
 
-def tokenize(data: TaskData, tokenizer, max_length: int) -> tuple[dict[str, Dataset], dict[str, int]]:
-    """Tokenized datasets per split (dynamic padding happens in the collator) and truncation counts."""
+def tokenize(data: TaskData, tokenizer, max_length: int,
+             cache_dir: Path | None = None) -> tuple[dict[str, Dataset], dict[str, int]]:
+    """Tokenized datasets per split (dynamic padding happens in the collator) and truncation counts. With a
+    cache_dir they are saved there under a hash of the rows, labels, tokenizer and max_length, so the runs of
+    a sweep tokenize each task once."""
+    key = tokenized_key(data, tokenizer, max_length) if cache_dir is not None else None
+    folder = Path(cache_dir) / key if key else None
+    if folder is not None and (folder / "truncated.json").exists():
+        log.info("tokenized splits from %s", folder)
+        return ({split: load_from_disk(str(folder / split)) for split in data.splits},
+                json.loads((folder / "truncated.json").read_text()))
     label_id = {name: i for i, name in enumerate(data.labels)}
     out, truncated = {}, {}
     for split, rows in data.splits.items():
@@ -238,7 +250,48 @@ def tokenize(data: TaskData, tokenizer, max_length: int) -> tuple[dict[str, Data
         # Labels never seen in train get -100: ignored by the loss, and always counted wrong.
         enc["labels"] = [label_id.get(r["label"], -100) for r in rows]
         out[split] = Dataset.from_dict(enc)
+    if folder is not None:
+        _save_tokenized(folder, out, truncated)
     return out, truncated
+
+
+def tokenized_cache_dir() -> Path:
+    """Where runs cache tokenized splits: in the datasets cache, so HF_DATASETS_CACHE (or HF_HOME) moves it."""
+    from datasets import config
+    return Path(config.HF_DATASETS_CACHE) / "sparsetune-tokenized"
+
+
+def tokenized_key(data: TaskData, tokenizer, max_length: int) -> str | None:
+    """A hash of everything tokenize's output depends on, or None for a tokenizer without a serializable
+    backend (those are not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    spec.pop("truncation", None), spec.pop("padding", None)   # per-call state, set by tokenize's own calls
+    digest = hashlib.sha256(json.dumps({"version": 1, "tokenizer": spec, "class": type(tokenizer).__name__,
+                                        "truncation_side": tokenizer.truncation_side, "max_length": max_length,
+                                        "labels": data.labels, "splits": data.splits}, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def _save_tokenized(folder: Path, datasets: dict[str, Dataset], truncated: dict[str, int]) -> None:
+    """Written to a temporary folder, then renamed: parallel jobs and interrupted runs never leave a partial
+    entry. A cache that cannot be written only costs time."""
+    tmp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        for split, ds in datasets.items():
+            ds.save_to_disk(str(tmp / split))
+        (tmp / "truncated.json").write_text(json.dumps(truncated))
+        tmp.rename(folder)
+    except OSError as e:   # another job saved the same entry first, or the disk is read-only or full
+        if not (folder / "truncated.json").exists():
+            log.warning("could not cache tokenized splits in %s: %s", folder.parent, e)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def longest_first(ds: Dataset) -> Dataset:

@@ -19,7 +19,7 @@ from torch.utils.data import SequentialSampler
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import load_task, longest_first, tokenize
+from .data import load_task, longest_first, tokenize, tokenized_cache_dir
 from .errors import UserError
 from .methods import count_params, get_method
 from .methods.base import WEIGHTS
@@ -288,7 +288,7 @@ def _train_and_evaluate(cfg, run_dir: Path, record: dict, guard: RunGuard, previ
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.backbone)
     data = load_task(cfg.task, cfg.data_dir, cfg.seed)
-    datasets, truncated = tokenize(data, tokenizer, cfg.task.max_length)
+    datasets, truncated = tokenize(data, tokenizer, cfg.task.max_length, tokenized_cache_dir())
     for split in ("validation", "test"):   # scores do not depend on row order; padding does
         datasets[split] = longest_first(datasets[split])
     if main:

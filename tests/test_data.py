@@ -72,6 +72,29 @@ def test_truncation_is_counted(data_dir):
     assert truncated["train"] > 0 and max(len(x) for x in ds["train"]["input_ids"]) == 32
 
 
+def test_tokenized_splits_are_cached_by_content_and_equal_fresh_ones(tmp_path, data_dir):
+    import dataclasses
+    from unittest import mock
+
+    from sparsetune_cli.models import load_tokenizer
+    cfg = compose(["task=entity_matching", f"data_dir={data_dir}", "task.train_limit=60", "task.eval_limit=20"])
+    data, tokenizer = load_task(cfg.task, cfg.data_dir), load_tokenizer(cfg.backbone)
+    fresh = tokenize(data, tokenizer, 32)
+
+    def same(a, b):
+        return a[1] == b[1] and all(a[0][s].to_dict() == b[0][s].to_dict() for s in data.splits)
+    assert same(tokenize(data, tokenizer, 32, tmp_path), fresh)   # a miss: tokenizes and saves
+    with mock.patch.object(type(tokenizer), "__call__", side_effect=AssertionError("tokenized again")):
+        assert same(tokenize(data, tokenizer, 32, tmp_path), fresh)   # a hit: no tokenizer call
+    # Anything the output depends on makes a new entry: max_length, a row, the labels.
+    relabeled = dataclasses.replace(data, splits={**data.splits, "test": [
+        {**r, "label": data.labels[0]} for r in data.splits["test"]]})
+    assert relabeled.splits["test"] != data.splits["test"]
+    assert same(tokenize(relabeled, tokenizer, 32, tmp_path), tokenize(relabeled, tokenizer, 32))
+    assert same(tokenize(data, tokenizer, 64, tmp_path), tokenize(data, tokenizer, 64))
+    assert len(list(tmp_path.iterdir())) == 3    # and no temporary folder is left behind
+
+
 def test_evaluation_order_is_longest_first_and_keeps_each_row_whole(data_dir):
     from sparsetune_cli.models import load_tokenizer
     cfg = compose(["task=banking77", f"data_dir={data_dir}", "task.eval_limit=300"])
