@@ -58,3 +58,25 @@ def test_table_shows_counts_as_whole_numbers(tmp_path):
         write_json_atomic(tmp_path / f"r{i}" / "metrics.json", r)
     display, _ = comparison_table(collect([tmp_path]), metric="cost.trainable_params")
     assert display.loc["head_only", "intent"] == "0 (n=1)" and display.loc["sparse", "intent"] == "225,408 (n=1)"
+
+
+def test_git_commit_is_dirty_for_changed_code_but_not_for_changed_records(tmp_path, monkeypatch):
+    import subprocess
+
+    from sparsetune_cli import results
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "results" / "metrics.json").write_text("{}")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(results, "REPO_ROOT", tmp_path)
+    clean = results.git_commit()
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "results" / "metrics.json").write_text('{"status": "completed"}')   # a sweep wrote a record
+    assert results.git_commit() == clean
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert results.git_commit() == clean + "-dirty"
