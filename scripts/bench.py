@@ -278,8 +278,9 @@ def markdown(result, argv: str) -> str:
         lines.append(f"| {m} | {r['step_seconds']:.3f} | {r['step_ratio']:.2f} | {mem} | {opt} | {tp} |")
     variants = [f"`{v}` is {m} with {' '.join(o)}" for v, (m, o) in VARIANTS.items() if v in result["train"]]
     if variants:
-        lines += ["", "Variants: " + "; ".join(variants) + " (no dropout in the frozen embeddings and the blocks "
-                  "below the lowest trainable one). `forward_only` is full's forward in training mode, no backward."]
+        lines += ["", "Variants: " + "; ".join(variants) + ". train.frozen_dropout=false means no dropout in the "
+                  "frozen embeddings and the blocks below the lowest trainable one (sparse's default). "
+                  "`forward_only` is full's forward in training mode, no backward."]
     lines += ["", "Where a training step's time goes (median seconds per phase; ÷ the same phase of full):", "",
               "| method | forward | backward | optimizer |", "|---|---|---|---|"]
     full = result["train"]["full"]
