@@ -268,7 +268,8 @@ def tokenized_key(data: TaskData, tokenizer, max_length: int) -> str | None:
     if backend is None:
         return None
     spec = json.loads(backend.to_str())
-    spec.pop("truncation", None), spec.pop("padding", None)   # per-call state, set by tokenize's own calls
+    for per_call_state in ("truncation", "padding"):   # set by tokenize's own calls, not part of the tokenizer
+        spec.pop(per_call_state, None)
     digest = hashlib.sha256(json.dumps({"version": 1, "tokenizer": spec, "class": type(tokenizer).__name__,
                                         "truncation_side": tokenizer.truncation_side, "max_length": max_length,
                                         "labels": data.labels, "splits": data.splits}, sort_keys=True).encode())
