@@ -7,7 +7,7 @@ method in a child process (RSS on CPU, max allocated on CUDA), since one process
 split between methods. Writes JSON and a Markdown table.
 
     python scripts/bench.py                 # MiniLM, batch 32 x 64 tokens, 20 timed steps
-    python scripts/bench.py --quick         # under a minute (44 s here): batch 16, 3 steps, no variants or memory
+    python scripts/bench.py --quick         # under a minute (28 s here): batch 16, 3 steps, no variants or memory
 """
 from __future__ import annotations
 
