@@ -9,6 +9,7 @@ Stages (each resumable: completed runs are skipped, interrupted ones resume):
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def fmt_lr(lr: float) -> str:
 class Plan:
     """What an experiment config sweeps, and where its runs live."""
 
-    def __init__(self, experiment: str, overrides: list[str]):
+    def __init__(self, experiment: str, overrides: list[str], lr_extend: int = 2):
         from .cli import compose
         cfg = compose([f"experiment={experiment}", *overrides], hydra=True)
         allowed = set(cfg.hydra.job.config.override_dirname.exclude_keys) - {"task", "method", "seed"}
@@ -43,7 +44,7 @@ class Plan:
                 raise UserError(f"'{o}' would change the runs of experiment={experiment}; put it in an "
                                 f"experiment config (configs/experiment/) instead. Allowed here: hydra options, "
                                 f"{', '.join(sorted(allowed))}")
-        self.experiment, self.overrides = experiment, overrides
+        self.experiment, self.overrides, self.lr_extend = experiment, overrides, lr_extend
         params = {k: [v.strip() for v in str(val).split(",")] for k, val in cfg.hydra.sweeper.params.items()}
         self.tasks, self.seeds, self.methods = params["task"], params["seed"], params.get("method", ["sparse"])
         self.backbone = cfg.backbone.name
@@ -92,17 +93,49 @@ def headline(rec: dict, split: str = "validation") -> float:
     return rec["metrics"][split][rec["headline_metric"]]
 
 
-def lr_choices(plan: Plan, methods: list[str] | None = None) -> tuple[dict[tuple[str, str], float], list[str]]:
-    """(task, method) -> the lr with the best seed-0 validation score (ties: the smaller lr), and the
-    (task, method) cells whose grid is not finished yet."""
+def lr_step(lr: float, up: bool) -> float:
+    """The next learning rate along the 1-3-10 series that the lr grids use (1e-3 -> 3e-3 -> 1e-2)."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    one = lr / 10 ** exp < 2   # on a 1eX point (else a 3eX point)
+    return float(f"{(3 if one else 10) * 10 ** exp if up else (0.3 if one else 1) * 10 ** exp:.3g}")
+
+
+def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, dict], list[float]]:
+    """The seed-0 runs of one (task, method) grid, by lr, and the lrs still to run. The grid is the method's
+    lr_grid, widened by up to `extend` steps past an end while the end is strictly the best point: a best
+    score at the edge means a wider grid may do better. Ties stay put, so a method that learns nothing at
+    any lr does not walk off."""
+    grid = sorted(lr_grid(method))
+    runs = {fmt_lr(r["config"]["method"]["lr"]): r for r in plan.records(task, method) if r["seed"] == 0}
+    missing = [lr for lr in grid if fmt_lr(lr) not in runs]
+    if missing:
+        return {}, missing
+    steps = {True: 0, False: 0}
+    while True:
+        scores = {lr: headline(runs[fmt_lr(lr)]) for lr in grid}
+        best = max(scores.values())
+        for up, end, inner in ((True, grid[-1], grid[-2]), (False, grid[0], grid[1])):
+            if len(grid) > 1 and scores[end] == best > scores[inner] and steps[up] < extend:
+                nxt = lr_step(end, up)
+                if fmt_lr(nxt) not in runs:
+                    return {}, [nxt]
+                grid = sorted([*grid, nxt])
+                steps[up] += 1
+                break
+        else:
+            return {fmt_lr(lr): runs[fmt_lr(lr)] for lr in grid}, []
+
+
+def lr_choices(plan: Plan, methods: list[str] | None = None
+               ) -> tuple[dict[tuple[str, str], float], list[str]]:
+    """(task, method) -> the lr with the best seed-0 validation score on its (widened) grid (ties: the
+    smaller lr), and the (task, method) cells whose grid is not finished yet."""
     chosen, missing = {}, []
     for task in plan.tasks:
         for method in methods or plan.methods:
-            grid = {fmt_lr(lr) for lr in lr_grid(method)}
-            runs = {fmt_lr(r["config"]["method"]["lr"]): r for r in plan.records(task, method) if r["seed"] == 0}
-            runs = {lr: r for lr, r in runs.items() if lr in grid}
-            if len(runs) < len(grid):
-                missing.append(f"{task}/{method} ({len(runs)} of {len(grid)})")
+            runs, todo = lr_cell(plan, task, method, plan.lr_extend)
+            if todo:
+                missing.append(f"{task}/{method} (lr {', '.join(fmt_lr(lr) for lr in todo)} to run)")
                 continue
             best = max(runs.values(), key=lambda r: (headline(r), -r["config"]["method"]["lr"]))
             chosen[task, method] = best["config"]["method"]["lr"]
@@ -112,9 +145,15 @@ def lr_choices(plan: Plan, methods: list[str] | None = None) -> tuple[dict[tuple
 def run_grid(plan: Plan) -> None:
     for task in plan.tasks:  # task by task, so that finished tasks can be tabulated early
         for method in plan.methods:
-            lrs = ",".join(fmt_lr(lr) for lr in lr_grid(method))
-            launch([f"experiment={plan.experiment}", f"task={task}", f"method={method}", f"method.lr={lrs}",
-                    "seed=0", *plan.overrides])
+            tried: set[str] = set()
+            while True:   # the method's lr_grid, then one step at a time past an edge that is still the best
+                _, todo = lr_cell(plan, task, method, plan.lr_extend)
+                lrs = ",".join(fmt_lr(lr) for lr in todo)
+                if not todo or lrs in tried:   # done, or that run failed: the seeds stage reports it
+                    break
+                tried.add(lrs)
+                launch([f"experiment={plan.experiment}", f"task={task}", f"method={method}", f"method.lr={lrs}",
+                        "seed=0", *plan.overrides])
 
 
 def run_seeds(plan: Plan) -> None:
@@ -181,19 +220,22 @@ def main_table(df: pd.DataFrame, tasks: list[str], methods: list[str]) -> tuple[
 
 
 def lr_table(plan: Plan, chosen: dict) -> pd.DataFrame:
-    """The learning-rate grid: seed-0 validation score of every grid point, the choice and whether it sits on
-    an edge of the grid (then a wider grid might do better)."""
+    """The learning-rate grid: seed-0 validation score of every grid point (the widened grid once a cell is
+    finished), the choice and whether it sits on an end of the grid (then a wider grid might do better)."""
     rows = []
     for task in plan.tasks:
         for method in plan.methods:
-            grid = sorted(lr_grid(method))
-            for r in plan.records(task, method):
-                lr = r["config"]["method"]["lr"]
-                if r["seed"] == 0 and fmt_lr(lr) in {fmt_lr(g) for g in grid}:
-                    pick = chosen.get((task, method))
-                    rows.append({"task": task, "method": method, "lr": lr, "validation": headline(r),
-                                 "test": headline(r, "test"), "chosen": pick is not None and fmt_lr(pick) == fmt_lr(lr),
-                                 "edge": fmt_lr(lr) in (fmt_lr(grid[0]), fmt_lr(grid[-1]))})
+            runs, todo = lr_cell(plan, task, method, plan.lr_extend)
+            if todo:   # unfinished: show what has run of the method's own grid
+                grid = {fmt_lr(lr) for lr in lr_grid(method)}
+                runs = {fmt_lr(r["config"]["method"]["lr"]): r for r in plan.records(task, method)
+                        if r["seed"] == 0 and fmt_lr(r["config"]["method"]["lr"]) in grid}
+            ends = {min(runs, key=float), max(runs, key=float)} if runs else set()
+            pick = chosen.get((task, method))
+            for lr, r in sorted(runs.items(), key=lambda kv: float(kv[0])):
+                rows.append({"task": task, "method": method, "lr": float(lr), "validation": headline(r),
+                             "test": headline(r, "test"), "chosen": pick is not None and fmt_lr(pick) == lr,
+                             "edge": lr in ends})
     return pd.DataFrame(rows)
 
 
@@ -334,7 +376,8 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path) -> list[Path]:
     grid = lr_table(plan, chosen)
     save("lr_grid", grid, "Learning-rate grid (seed 0)",
          "validation and test headline metric per grid point; `chosen` is the best validation score, "
-         "`edge` marks the ends of the grid.", index=False)
+         "`edge` marks the ends of the grid searched. A grid is widened one lr step at a time past an end "
+         "that scores strictly best, up to --lr-extend steps per side.", index=False)
     cost = cost_table(df, plan.methods)
     save("cost", cost, "Cost (ratios to full finetuning on the same task and seed, averaged)",
          "Times are wall-clock on this machine. `whole run` covers loading, token mining, probe, training and "
@@ -361,9 +404,11 @@ def main(args: list[str]) -> None:
     p.add_argument("--experiment", default="paper_cpu", help="the main grid (configs/experiment/)")
     p.add_argument("--ablation", default="paper_ablation_cpu", help="the sparse ablation; 'none' to skip")
     p.add_argument("--out", default="results/paper", help="folder for tables and plots")
+    p.add_argument("--lr-extend", type=int, default=2, metavar="N",
+                   help="widen a grid by up to N lr steps past an end that scores best (0: the lr_grid only)")
     p.add_argument("overrides", nargs="*", help="hydra options (e.g. hydra/launcher=joblib), backbone, output_root")
     a = p.parse_args(args)
-    plan = Plan(a.experiment, a.overrides)
+    plan = Plan(a.experiment, a.overrides, a.lr_extend)
     ablation = None if a.ablation == "none" else Plan(a.ablation, a.overrides)
     stages = STAGES if a.stage == "all" else (a.stage,)
     try:

@@ -146,6 +146,61 @@ def test_paper_stops_after_a_signal_even_when_the_child_exits_cleanly(monkeypatc
     assert signal.getsignal(signal.SIGTERM) == before   # our handler was removed again
 
 
+class FakeGrid:
+    """A paper Plan whose seed-0 runs are made up: validation score = score(lr); `launch` "runs" them."""
+    tasks, methods, experiment, overrides = ["trec"], ["sparse"], "paper_smoke", []
+
+    def __init__(self, score, lr_extend=2, fails=()):
+        self.score, self.lr_extend, self.fails, self.runs, self.launched = score, lr_extend, fails, {}, []
+
+    def records(self, task, method, extra=None):
+        return [{"seed": 0, "config": {"method": {"lr": lr}}, "headline_metric": "accuracy",
+                 "metrics": {"validation": {"accuracy": s}, "test": {"accuracy": s}}} for lr, s in self.runs.items()]
+
+    def launch(self, overrides):
+        lrs = next(o for o in overrides if o.startswith("method.lr=")).split("=")[1]
+        self.launched.append(lrs)
+        self.runs.update({float(lr): self.score(float(lr)) for lr in lrs.split(",") if float(lr) not in self.fails})
+
+
+@pytest.mark.parametrize("score, extend, launched, chosen", [
+    # sparse's lr_grid is 1e-3..3e-2. Still rising at the top: two steps past it, then stop at --lr-extend
+    (lambda lr: lr, 2, ["0.001,0.003,0.01,0.03", "0.1", "0.3"], 0.3),
+    (lambda lr: lr, 0, ["0.001,0.003,0.01,0.03"], 0.03),
+    (lambda lr: -abs(lr - 0.05), 2, ["0.001,0.003,0.01,0.03", "0.1"], 0.03),   # one step finds the peak
+    (lambda lr: -lr, 2, ["0.001,0.003,0.01,0.03", "0.0003", "0.0001"], 0.0001),  # falling: widen downwards
+    (lambda lr: 0.5 if lr < 0.02 else 0.1, 2, ["0.001,0.003,0.01,0.03"], 0.001),  # a tie at the end: stay
+])
+def test_paper_grid_widens_past_an_end_that_scores_best(monkeypatch, score, extend, launched, chosen):
+    from sparsetune_cli import paper
+    plan = FakeGrid(score, extend)
+    monkeypatch.setattr(paper, "launch", plan.launch)
+    paper.run_grid(plan)
+    assert plan.launched == launched
+    choice, missing = paper.lr_choices(plan)
+    assert choice == {("trec", "sparse"): chosen} and missing == []
+    table = paper.lr_table(plan, choice)
+    assert sorted(table.lr) == sorted(float(lr) for lrs in launched for lr in lrs.split(","))
+    assert table[table.edge].lr.tolist() == [min(table.lr), max(table.lr)]
+
+
+def test_paper_grid_stops_widening_when_the_run_fails_and_reports_the_cell(monkeypatch):
+    from sparsetune_cli import paper
+    plan = FakeGrid(lambda lr: lr, fails={0.1})
+    monkeypatch.setattr(paper, "launch", plan.launch)
+    paper.run_grid(plan)
+    assert plan.launched == ["0.001,0.003,0.01,0.03", "0.1"]   # tried once, not forever
+    assert paper.lr_choices(plan) == ({}, ["trec/sparse (lr 0.1 to run)"])
+    plan.runs.pop(0.01)
+    assert paper.lr_choices(plan)[1] == ["trec/sparse (lr 0.01 to run)"]   # the method's own grid comes first
+
+
+def test_lr_step_walks_the_1_3_10_series():
+    from sparsetune_cli.paper import lr_step
+    assert [lr_step(lr, True) for lr in (1e-4, 3e-4, 0.01, 0.03)] == [3e-4, 1e-3, 0.03, 0.1]
+    assert [lr_step(lr, False) for lr in (1e-4, 3e-4, 0.01, 0.03)] == [3e-5, 1e-4, 3e-3, 0.01]
+
+
 @pytest.mark.slow
 def test_paper_pipeline_end_to_end(tmp_path, data_dir):
     out = tmp_path / "paper"
@@ -158,8 +213,8 @@ def test_paper_pipeline_end_to_end(tmp_path, data_dir):
 
     from sparsetune_cli.paper import lr_grid
     grid = pd.read_csv(out / "lr_grid.csv")
-    assert len(grid) == 2 * sum(len(lr_grid(m)) for m in ("sparse", "full", "head_only"))   # tasks x lr values
     for (task, method), cell in grid.groupby(["task", "method"]):
+        assert set(lr_grid(method)) <= set(cell.lr), (task, method)   # the grid, widened past a best end
         chosen = cell[cell.chosen]
         assert len(chosen) == 1 and chosen.validation.iloc[0] == cell.validation.max(), (task, method)
         # every seed of the main table ran at the chosen lr
