@@ -96,8 +96,9 @@ def headline(rec: dict, split: str = "validation") -> float:
 def lr_step(lr: float, up: bool) -> float:
     """The next learning rate along the 1-3-10 series that the lr grids use (1e-3 -> 3e-3 -> 1e-2)."""
     exp = math.floor(math.log10(lr) + 1e-9)
-    one = lr / 10 ** exp < 2   # on a 1eX point (else a 3eX point)
-    return float(f"{(3 if one else 10) * 10 ** exp if up else (0.3 if one else 1) * 10 ** exp:.3g}")
+    mantissa = 1 if lr / 10 ** exp < 2 else 3
+    factor = {(1, True): 3, (3, True): 10, (1, False): 0.3, (3, False): 1}[mantissa, up]
+    return float(f"{factor * 10 ** exp:.3g}")
 
 
 def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, dict], list[float]]:
@@ -121,13 +122,12 @@ def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, 
                     return {}, [nxt]
                 grid = sorted([*grid, nxt])
                 steps[up] += 1
-                break
-        else:
+                break   # widened: look at both ends again
+        else:   # neither end needs widening
             return {fmt_lr(lr): runs[fmt_lr(lr)] for lr in grid}, []
 
 
-def lr_choices(plan: Plan, methods: list[str] | None = None
-               ) -> tuple[dict[tuple[str, str], float], list[str]]:
+def lr_choices(plan: Plan, methods: list[str] | None = None) -> tuple[dict[tuple[str, str], float], list[str]]:
     """(task, method) -> the lr with the best seed-0 validation score on its (widened) grid (ties: the
     smaller lr), and the (task, method) cells whose grid is not finished yet."""
     chosen, missing = {}, []
