@@ -196,6 +196,7 @@ def frame(records: list[dict]) -> pd.DataFrame:
         row = flatten(r)
         m = r["config"]["method"]
         row.update(lr=m["lr"], selector=m.get("selector"), budget=m.get("budget"),
+                   threads=str(r["config"]["train"].get("threads")),
                    test=headline(r, "test"), validation=headline(r, "validation"),
                    best_validation=max([h[r["headline_metric"]] for h in r.get("history", [])] or [np.nan]))
         rows.append(row)
@@ -240,15 +241,18 @@ def lr_table(plan: Plan, chosen: dict) -> pd.DataFrame:
 
 
 def cost_table(df: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
-    """Per method: costs as ratios to full finetuning on the same task and seed, then averaged; sizes as medians."""
-    full = df[df.method == "full"].set_index(["task", "seed"])
+    """Per method: costs as ratios to full finetuning on the same task and seed, then averaged; sizes as medians.
+    Only runs with the same train.threads pair up: the parallel launcher runs jobs at 1 thread each, 1.5-1.8x
+    slower per run than one job alone, so a ratio across the two settings measures the launcher, not the method."""
+    full = df[df.method == "full"].set_index(["task", "seed", "threads"])
     rows = []
     for method in [m for m in methods if m in set(df.method)]:
         sub = df[df.method == method]
         row = {"method": method, "runs": len(sub),
                "trainable params": int(sub["cost.trainable_params"].median()),
                "trainable params without head": int(sub["cost.trainable_params_without_head"].median())}
-        paired = sub.join(full, on=["task", "seed"], rsuffix="_full", how="inner")
+        paired = sub.join(full, on=["task", "seed", "threads"], rsuffix="_full", how="inner")
+        row["runs paired with full"] = len(paired)
         for key, name in (("cost.train_seconds", "train time ÷ full"), ("cost.wall_seconds", "whole run ÷ full")):
             if key in paired and f"{key}_full" in paired:
                 row[name] = round(float((paired[key] / paired[f"{key}_full"]).mean()), 3)
@@ -278,8 +282,8 @@ def time_to_reach(run_dir: str, full_dir: str) -> float | None:
 
 
 def ablation_table(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-    cells = df.groupby(["selector", "budget", "task"])["test"].apply(mean_std).unstack("task")
-    return cells.reindex(columns=[t for t in tasks if t in cells.columns]).fillna("")
+    cells = df.groupby(["budget", "selector", "task"])["test"].apply(mean_std).unstack("task")
+    return cells.reindex(columns=[t for t in tasks if t in cells.columns]).fillna("").reset_index()
 
 
 def token_case_study(plan: Plan, per_class: int = 3, classes: int = 6, top: int = 10) -> str:
@@ -379,7 +383,7 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path) -> list[Path]:
          "`edge` marks the ends of the grid searched. A grid is widened one lr step at a time past an end "
          "that scores strictly best, up to --lr-extend steps per side.", index=False)
     cost = cost_table(df, plan.methods)
-    save("cost", cost, "Cost (ratios to full finetuning on the same task and seed, averaged)",
+    save("cost", cost, "Cost (ratios to full finetuning on the same task, seed and train.threads, averaged)",
          "Times are wall-clock on this machine. `whole run` covers loading, token mining, probe, training and "
          "evaluation; `time to full's best validation` is when a run first matched full finetuning's best "
          "validation score, counted from the start of the command. Peak RSS is the whole process (on the CPU "
@@ -389,7 +393,8 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path) -> list[Path]:
         if abl:
             save("ablation", ablation_table(frame(abl), ablation.tasks),
                  f"Sparse ablation, experiment={ablation.experiment}: test headline metric",
-                 "Rows: which rows train (selector) and how many (budget, fraction of backbone parameters).")
+                 "Rows: how many rows train (budget, fraction of backbone parameters) and which (selector: token "
+                 "= token-driven gradient, the default).", index=False)
     (out / "tokens.md").write_text(token_case_study(plan))
     written.append(out / "tokens.md")
     written += plots(df, cost, plan.tasks, plan.methods, out)

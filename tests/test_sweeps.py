@@ -201,6 +201,21 @@ def test_lr_step_walks_the_1_3_10_series():
     assert [lr_step(lr, False) for lr in (1e-4, 3e-4, 0.01, 0.03)] == [3e-5, 1e-4, 3e-3, 0.01]
 
 
+def test_cost_ratios_pair_only_runs_with_the_same_thread_setting(monkeypatch):
+    from sparsetune_cli import paper
+    monkeypatch.setattr(paper, "time_to_reach", lambda run, full: 1.0)
+    # seed 1 of full ran under the parallel launcher (1 thread, slower); sparse's seed 1 ran alone
+    runs = [("full", 0, "None", 100.0), ("full", 1, "1", 200.0), ("sparse", 0, "None", 50.0), ("sparse", 1, "None", 40.0)]
+    df = pd.DataFrame([{"method": m, "task": "trec", "seed": s, "threads": t, "run_dir": f"{m}{s}",
+                        "cost.train_seconds": sec, "cost.wall_seconds": sec + 10, "cost.trainable_params": 1,
+                        "cost.trainable_params_without_head": 0, "cost.peak_memory_mb": 1.0, "cost.checkpoint_mb": 1.0}
+                       for m, s, t, sec in runs])
+    cost = paper.cost_table(df, ["sparse", "full"]).set_index("method")
+    assert cost.loc["sparse", "train time ÷ full"] == 0.5          # seed 0 only, not the mean of 0.5 and 0.2
+    assert cost.loc["sparse", "runs paired with full"] == 1 and cost.loc["sparse", "runs"] == 2
+    assert cost.loc["full", "runs paired with full"] == 2
+
+
 @pytest.mark.slow
 def test_paper_pipeline_end_to_end(tmp_path, data_dir):
     out = tmp_path / "paper"
