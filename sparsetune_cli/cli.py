@@ -28,12 +28,20 @@ commands:
 `sparsetune run --help` lists the config groups and their options.
 """
 
+MAX_TAG = 200   # file systems refuse names over 255 bytes
+
+
 def run_tag(overrides: str) -> str:
     """A run folder name for the overrides that are not already part of the path. Scalars are spelled as
     Hydra's multirun spells them (`false` -> `False`, `1e-2` -> `0.01`), so `run` and `run -m` of one
-    config find the same folder."""
-    return re.sub(r"(?<==)[^,=\[\]{}()'\"]+(?=,|$)", lambda m: _python_scalar(m.group()),
-                  overrides).replace("/", "_") or "default"
+    config find the same folder. A name too long for the file system keeps its start and ends in a hash
+    of the whole."""
+    tag = re.sub(r"(?<==)[^,=\[\]{}()'\"]+(?=,|$)", lambda m: _python_scalar(m.group()),
+                 overrides).replace("/", "_") or "default"
+    if len(tag.encode()) > MAX_TAG:
+        import hashlib
+        tag = tag.encode()[:MAX_TAG - 17].decode(errors="ignore") + "~" + hashlib.sha256(tag.encode()).hexdigest()[:16]
+    return tag
 
 
 def _python_scalar(text: str) -> str:

@@ -52,9 +52,18 @@ def load_tokenizer(backbone):
     return tok
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def backbone_dtype(backbone) -> torch.dtype:
+    """The dtype the backbone's weights load in (backbone.dtype); what trains is cast back to fp32."""
+    return DTYPES[backbone.get("dtype") or "fp32"]
+
+
 def load_model(backbone, num_labels: int, tokenizer, seed: int = 0):
     """A sequence classifier on the backbone; the head is initialized from `seed`."""
     torch.manual_seed(seed)
+    dtype = backbone_dtype(backbone)
     if backbone.get("random_init"):
         spec = dict(backbone.random_init)
         config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer),
@@ -68,11 +77,12 @@ def load_model(backbone, num_labels: int, tokenizer, seed: int = 0):
                 torch.nn.init.normal_(module.weight, std=config.initializer_range)
                 if module.bias is not None:
                     torch.nn.init.zeros_(module.bias)
+        model.to(dtype)
     else:
         where = weights_location(backbone)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                where, num_labels=num_labels, dtype=torch.float32, **_load_kwargs(backbone))
+                where, num_labels=num_labels, dtype=dtype, **_load_kwargs(backbone))
         except OSError as e:
             raise UserError(f"backbone {backbone.name}: cannot load weights from {where} ({e.__class__.__name__}); "
                             "offline, use a backbone that ships in a package (minilm, smollm2-135m)") from None

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from .errors import UserError
 from .methods import get_method
 from .methods.base import WEIGHTS
-from .models import load_model, load_tokenizer
+from .models import backbone_dtype, load_model, load_tokenizer
 from .results import file_sha256, read_metrics
 from .train import MODEL_DIR
 
@@ -79,8 +79,15 @@ def predict(run: LoadedRun, texts: list[str], batch_size: int = 64) -> torch.Ten
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = run.tokenizer.pad({k: [enc[k][i] for i in rows] for k in keep}, return_tensors="pt")
-        probs[rows] = torch.softmax(run.model(**batch).logits.float(), -1)
+        with inference_autocast(run.cfg.backbone):
+            probs[rows] = torch.softmax(run.model(**batch).logits.float(), -1)
     return probs
+
+
+def inference_autocast(backbone, device: str = "cpu"):
+    """A bf16 backbone (backbone.dtype=bf16) with fp32 trained parts runs under bf16 autocast, as in training;
+    an fp32 one in plain fp32, whatever precision it trained under."""
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=backbone_dtype(backbone) == torch.bfloat16)
 
 
 def format_predictions(run: LoadedRun, probs: torch.Tensor, texts: list[str], as_json=False, top: int = 3) -> list[str]:
@@ -97,7 +104,7 @@ def format_predictions(run: LoadedRun, probs: torch.Tensor, texts: list[str], as
 
 def merge(run: LoadedRun, out_dir: Path) -> None:
     """A plain Hugging Face model folder with the base architecture: no sparsetune code needed to load it."""
-    model = run.method.export(run.model)
+    model = run.method.export(run.model).to(backbone_dtype(run.cfg.backbone))   # one dtype in the folder
     model.config.id2label = dict(enumerate(run.labels))
     model.config.label2id = {name: i for i, name in enumerate(run.labels)}
     model.save_pretrained(out_dir)

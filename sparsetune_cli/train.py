@@ -22,8 +22,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from .data import load_task, longest_first, tokenize, tokenized_cache_dir
 from .errors import UserError
 from .methods import count_params, get_method
-from .methods.base import WEIGHTS
-from .models import frozen_bottom, load_model, load_tokenizer
+from .methods.base import WEIGHTS, fp32_trainable
+from .models import DTYPES, frozen_bottom, load_model, load_tokenizer
 from .results import (METRICS_FILE, classification_metrics, completed_run, file_sha256, package_versions, read_metrics,
                       write_json_atomic)
 
@@ -51,6 +51,7 @@ def validate_config(cfg) -> None:
         (0 <= t.warmup < 1 or (t.warmup >= 1 and float(t.warmup).is_integer()), "train.warmup", t.warmup,
          "a fraction in [0, 1) or a whole number of steps"),
         (t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", t.precision, "auto, fp32, bf16 or fp16"),
+        ((bb.get("dtype") or "fp32") in DTYPES, "backbone.dtype", bb.get("dtype"), ", ".join(DTYPES)),
         (t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "auto, cpu or cuda"),
         (t.logger in LOGGERS, "train.logger", t.logger, ", ".join(LOGGERS)),
         (t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, ", ".join(OPTIMIZERS)),
@@ -70,6 +71,13 @@ def validate_config(cfg) -> None:
     for ok, key, value, allowed in checks:
         if not ok:
             raise UserError(f"{key}={value} is out of range: allowed {allowed}")
+    cuda, precision = resolve_precision(t)
+    if precision == "fp16" and not cuda:
+        raise UserError("train.precision=fp16 needs a CUDA GPU (on the CPU it would silently run in fp32, with no "
+                        "loss scaling); use train.precision=bf16 or fp32")
+    if bb.get("dtype") == "bf16" and precision != "bf16":
+        raise UserError(f"backbone.dtype=bf16 needs train.precision=bf16 (it resolves to {precision} here): a bf16 "
+                        "backbone runs under bf16 autocast; or set backbone.dtype=fp32")
 
 
 class CsvLogger(TrainerCallback):
@@ -152,14 +160,20 @@ class SparsetuneTrainer(Trainer):
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
 
-def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
-    t = cfg.train
+def resolve_precision(t) -> tuple[bool, str]:
+    """(use CUDA, precision): train.precision=auto is bf16 on a CUDA GPU that has it, fp16 on an older one,
+    fp32 on the CPU."""
     cuda = torch.cuda.is_available() and t.device != "cpu"
     if t.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    precision = t.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if t.precision != "auto":
+        return cuda, t.precision
+    return cuda, ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+
+
+def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
+    t = cfg.train
+    cuda, precision = resolve_precision(t)
     by_epoch = t.eval_every == "epoch"
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS),
@@ -175,7 +189,7 @@ def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
         eval_steps=None if by_epoch else t.eval_every, save_steps=None if by_epoch else t.eval_every,
         save_total_limit=2, load_best_model_at_end=True, metric_for_best_model=headline, greater_is_better=True,
         logging_steps=t.logging_steps, logging_first_step=True, report_to=LOGGERS[t.logger],
-        disable_tqdm=not t.progress, seed=cfg.seed, data_seed=cfg.seed,
+        disable_tqdm=not t.progress, seed=cfg.seed, data_seed=cfg.seed, full_determinism=bool(t.deterministic),
         dataloader_num_workers=t.num_workers, label_names=["labels"],
         logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
     )
@@ -202,7 +216,7 @@ def class_weighted_loss(train_labels, num_labels: int):
 def prepare_model(cfg, method, model, context: dict):
     """The method's prepare, then train.frozen_dropout=false: the frozen bottom (embeddings and the blocks
     below the lowest trainable one) stays in eval mode, although the Trainer calls model.train() each step."""
-    model = method.prepare(model, context=context)
+    model = fp32_trainable(method.prepare(model, context=context))
     if not cfg.train.frozen_dropout:
         for _, module in frozen_bottom(model):
             module.register_forward_pre_hook(_stay_in_eval)
@@ -257,6 +271,8 @@ def run(cfg, run_dir: Path) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     record = base_record(cfg)
+    cuda, record["precision"] = resolve_precision(cfg.train)
+    record["device"] = torch.cuda.get_device_name() if cuda else "cpu"
     record["variant"] = run_dir.parent.name   # the overrides that name this run (e.g. method.lr=0.001)
 
     def write(rec: dict) -> None:
@@ -279,6 +295,8 @@ def run(cfg, run_dir: Path) -> dict:
         raise
     finally:
         RunGuard.restore_default_handlers()
+        if cfg.train.deterministic:   # process-wide: a later run in this process (tests, sweeps) chooses again
+            torch.use_deterministic_algorithms(False)
     write(record)
     return record
 

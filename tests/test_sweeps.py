@@ -72,6 +72,17 @@ def test_keys_that_do_not_change_results_stay_out_of_folder_names():
     assert set(NON_RESULT_KEYS) - {"method.lr_grid"} <= excluded
 
 
+def test_a_run_folder_name_too_long_for_the_file_system_ends_in_a_hash_of_the_whole():
+    from sparsetune_cli.cli import MAX_TAG, run_tag
+    short = "method.lr=0.01,train.epochs=2"
+    assert run_tag(short) == short                       # committed folder names stay as they were
+    long_a = ",".join(f"+backbone.random_init.k{i}=1" for i in range(20))
+    long_b = long_a.replace("k19=1", "k19=2")
+    tag_a, tag_b = run_tag(long_a), run_tag(long_b)
+    assert len(tag_a.encode()) <= MAX_TAG and tag_a.startswith(long_a[:100]) and tag_a != tag_b
+    assert run_tag(long_a) == tag_a                      # the same config finds the same folder
+
+
 def test_run_and_multirun_of_one_config_use_one_folder(tmp_path, data_dir):
     overrides = ["method=head_only", "method.lr=1e-2", "train.frozen_dropout=false", "task.coarse=true", *TINY_JOB,
                  f"output_root={tmp_path}", f"data_dir={data_dir}"]

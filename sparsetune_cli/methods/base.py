@@ -51,12 +51,21 @@ class Method:
 
     def load(self, model, run_model_dir: Path):
         state = json.loads((run_model_dir / STATE).read_text())["state"]
-        model = self.prepare(model, state=state)
+        model = fp32_trainable(self.prepare(model, state=state))
         tensors = load_file(str(run_model_dir / WEIGHTS))
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if unexpected:
             raise RuntimeError(f"saved tensors do not fit the model: {unexpected[:5]}")
         return model
+
+
+def fp32_trainable(model):
+    """Whatever trains is fp32 (master weights), also over a bf16 backbone (backbone.dtype=bf16): updates of
+    1e-4 relative size vanish in bf16's 8-bit mantissa. Frozen weights keep the backbone's dtype."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def freeze_all_but(model, keep) -> None:

@@ -28,23 +28,46 @@ log = logging.getLogger(__name__)
 SELECTORS = ("token", "all_positions", "magnitude", "random")
 
 
+def master_dtype(weight: torch.Tensor) -> torch.dtype:
+    """A delta is at least fp32 even over a bf16 backbone (backbone.dtype=bf16): it is a master weight."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a plain nn.Linear would compute in here: autocast's (bf16/fp16) when it is on, else the
+    weight's. A custom Function is not cast by autocast itself, and its backward runs outside autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
 class _RowDeltaLinearFn(torch.autograd.Function):
     """y = x (W + D on the selected rows)^T + b. Forward is one matmul with the patched weight, as in a
     plain linear layer (patching W copies out x in values, far fewer than adding into y's batch x tokens x
-    out); backward computes the input gradient and only the k selected rows' weight gradient."""
+    out); backward computes the input gradient and only the k selected rows' weight gradient.
+
+    Mixed precision: both matmuls run in the compute dtype (bf16/fp16 under autocast), as nn.Linear's do;
+    the delta (an fp32 master weight) gets its gradient cast back to fp32, and x its gradient in x's dtype.
+    The rows are unique, so index_add has no colliding writes: the result is deterministic on CUDA too."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, rows, delta):
-        patched = weight.index_add(0, rows, delta.to(weight.dtype))
-        ctx.save_for_backward(x, patched, rows)
-        return F.linear(x, patched, bias)
+        dtype = _compute_dtype(x, weight)
+        patched = weight.index_add(0, rows, delta.to(weight.dtype)).to(dtype)
+        xc = x.to(dtype)
+        ctx.save_for_backward(xc, patched, rows)
+        ctx.dtypes = (x.dtype, delta.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(xc, patched, None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_y):
         x, patched, rows = ctx.saved_tensors
-        grad_x = grad_y @ patched if ctx.needs_input_grad[0] else None
+        x_dtype, delta_dtype = ctx.dtypes
+        grad_y = grad_y.to(patched.dtype)
+        grad_x = (grad_y @ patched).to(x_dtype) if ctx.needs_input_grad[0] else None
         grad_delta = grad_y.index_select(-1, rows).reshape(-1, len(rows)).T @ x.reshape(-1, x.shape[-1])
-        return grad_x, None, None, None, grad_delta
+        return grad_x, None, None, None, grad_delta.to(delta_dtype)
 
 
 class RowDeltaLinear(nn.Linear):
@@ -59,7 +82,7 @@ class RowDeltaLinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.register_buffer("rows", rows.to(torch.long), persistent=False)
-        self.delta = nn.Parameter(torch.zeros(len(rows), base.in_features, dtype=base.weight.dtype,
+        self.delta = nn.Parameter(torch.zeros(len(rows), base.in_features, dtype=master_dtype(base.weight),
                                               device=base.weight.device))
 
     def forward(self, x):
@@ -70,7 +93,7 @@ class RowDeltaLinear(nn.Linear):
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             out.weight.copy_(self.weight)
-            out.weight.index_add_(0, self.rows, self.delta)
+            out.weight.index_add_(0, self.rows, self.delta.to(out.weight.dtype))
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out
@@ -90,18 +113,20 @@ class RowDeltaEmbedding(nn.Embedding):
         slot[rows.to(torch.long)] = torch.arange(len(rows))
         self.register_buffer("rows", rows.to(torch.long), persistent=False)
         self.register_buffer("slot", slot, persistent=False)
-        self.delta = nn.Parameter(torch.zeros(len(rows), base.embedding_dim, dtype=base.weight.dtype))
+        self.delta = nn.Parameter(torch.zeros(len(rows), base.embedding_dim, dtype=master_dtype(base.weight),
+                                              device=base.weight.device))
 
     def forward(self, ids):
         slot = self.slot[ids]
         extra = self.delta[slot.clamp(min=0)] * (slot >= 0).unsqueeze(-1).to(self.delta.dtype)
-        return F.embedding(ids, self.weight, self.padding_idx) + extra
+        return F.embedding(ids, self.weight, self.padding_idx) + extra.to(self.weight.dtype)
 
     def merged(self) -> nn.Embedding:
-        out = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
+        out = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                           device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             out.weight.copy_(self.weight)
-            out.weight.index_add_(0, self.rows, self.delta)
+            out.weight.index_add_(0, self.rows, self.delta.to(out.weight.dtype))
         return out
 
 
@@ -255,8 +280,8 @@ class Sparse(Method):
                 mask = current["mask"]
 
                 def on_grad(g):
-                    gm = g.detach() * mask.unsqueeze(-1)
-                    grad = torch.einsum("...o,...i->oi", gm, x)
+                    gm = g.detach().float() * mask.unsqueeze(-1)   # scores in fp32 over a bf16 backbone too
+                    grad = torch.einsum("...o,...i->oi", gm, x.float())
                     scores[name] += grad.double().pow(2).sum(1)
                 output.register_hook(on_grad)
             return hook
@@ -268,7 +293,7 @@ class Sparse(Method):
             def on_grad(g):
                 if not current["group_ids"]:
                     return
-                g = (g.detach() * mask.unsqueeze(-1)).reshape(-1, g.shape[-1])
+                g = (g.detach().float() * mask.unsqueeze(-1)).reshape(-1, g.shape[-1])
                 flat = ids.reshape(-1)
                 acc = torch.zeros(module.num_embeddings, g.shape[-1]).index_add_(0, flat, g)
                 for t in current["group_ids"]:

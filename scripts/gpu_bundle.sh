@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Everything `scripts/gpu_check.py` needs on an offline GPU machine that has torch, transformers, peft and
+# accelerate but not this project's venv: wheels of the rest, MiniLM in bf16 (45 MB instead of 90),
+# SmolLM2's tokenizer and config (its weights do not fit beside MiniLM in 64 MiB: the check runs its
+# architecture with random weights), and the intent data. Writes .gpu_bundle/ (git-ignored).
+#   make gpu-bundle, then on the GPU machine:
+#   pip install --no-index --no-deps --target /tmp/site .gpu_bundle/wheels/*.whl && export PYTHONPATH=/tmp/site
+#   python3 scripts/gpu_check.py --data-dir .gpu_bundle/data --minilm .gpu_bundle/minilm-bf16 --smollm .gpu_bundle/smollm2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=.gpu_bundle
+PYVER=${GPU_PYTHON:-3.12}     # the GPU machine's Python
+rm -rf "$OUT" && mkdir -p "$OUT/wheels" "$OUT/data"
+pin() { grep -i "^$1==" constraints.txt; }
+$PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d "$OUT/wheels" "$(pin hydra-core)" "$(pin omegaconf)" "$(pin hydra-joblib-launcher)" "$(pin datasets)" \
+  dill multiprocess
+# antlr4 (hydra's parser) is published as source only: build its pure-Python wheel here
+$PY -m pip wheel -q --no-deps -w "$OUT/wheels" antlr4-python3-runtime==4.9.3
+$PY - "$OUT" <<'PY'
+import shutil, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer
+from sparsetune_cli.cli import compose
+from sparsetune_cli.models import weights_location
+out = Path(sys.argv[1])
+minilm = Path(weights_location(compose(["backbone=minilm"]).backbone))
+shutil.copytree(minilm, out / "minilm-bf16", ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx"))
+for f in minilm.glob("*.safetensors"):
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(out / "minilm-bf16" / f.name),
+              metadata={"format": "pt"})
+bb = compose(["backbone=smollm2-135m"]).backbone
+where = weights_location(bb)
+AutoTokenizer.from_pretrained(where, gguf_file=bb.gguf_file).save_pretrained(out / "smollm2")
+AutoConfig.from_pretrained(where, gguf_file=bb.gguf_file).save_pretrained(out / "smollm2")
+data = Path(compose([]).get("data_dir") or Path("..") / "shared" / "data")
+shutil.copytree(data / "clinc150", out / "data" / "clinc150", ignore=shutil.ignore_patterns("oos_*"))
+PY
+du -sh "$OUT" "$OUT"/*
