@@ -24,8 +24,10 @@ $(BIN)/sparsetune: pyproject.toml constraints.txt
 run: install
 	$(BIN)/sparsetune run
 
-# Fast tests (tiny models, small slices of the real data); a few minutes on 2 CPU cores.
+# The import contract (pyproject.toml [tool.importlinter]), then the fast tests (tiny models, small slices of the
+# real data); a few minutes on 2 CPU cores.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q -m "not slow"
 
 # End-to-end tests with the real MiniLM on real data.

@@ -30,13 +30,13 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sparsetune_cli.cli import compose  # noqa: E402
+from sparsetune_cli.config import compose  # noqa: E402
 from sparsetune_cli.data import load_task, tokenize  # noqa: E402
-from sparsetune_cli.methods import count_params, get_method  # noqa: E402
+from sparsetune_cli.methods import METHODS, count_params, get_method  # noqa: E402
 from sparsetune_cli.models import load_model, load_tokenizer  # noqa: E402
 from sparsetune_cli.train import method_context, prepare_model  # noqa: E402
 
-TRAIN_METHODS = ["full", "sparse", "lora", "layer_select", "prefix", "bitfit", "head_only"]
+TRAIN_METHODS = ["full"] + sorted(m for m in METHODS if m != "full")   # every registered method, full first
 # Rows that are a method with other settings: name -> (method, config overrides)
 VARIANTS = {"sparse_frozen_dropout": ("sparse", ["train.frozen_dropout=true"]),
             "head_only_no_frozen_dropout": ("head_only", ["train.frozen_dropout=false"])}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
-from sparsetune_cli.cli import compose
+from sparsetune_cli.config import compose
 from sparsetune_cli.models import weights_location
 out = Path(sys.argv[1])
 minilm = Path(weights_location(compose(["backbone=minilm"]).backbone))

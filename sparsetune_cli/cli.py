@@ -4,15 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+from .config import CONFIG_DIR, compose, validate_config
 from .errors import UserError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 COMMANDS = ("run", "paper", "tokens", "table", "predict", "merge")
 USAGE = """usage: sparsetune COMMAND [ARGS]
 
@@ -27,36 +24,6 @@ commands:
 
 `sparsetune run --help` lists the config groups and their options.
 """
-
-MAX_TAG = 200   # file systems refuse names over 255 bytes
-
-
-def run_tag(overrides: str) -> str:
-    """A run folder name for the overrides that are not already part of the path. Scalars are spelled as
-    Hydra's multirun spells them (`false` -> `False`, `1e-2` -> `0.01`), so `run` and `run -m` of one
-    config find the same folder. A name too long for the file system keeps its start and ends in a hash
-    of the whole."""
-    tag = re.sub(r"(?<==)[^,=\[\]{}()'\"]+(?=,|$)", lambda m: _python_scalar(m.group()),
-                 overrides).replace("/", "_") or "default"
-    if len(tag.encode()) > MAX_TAG:
-        import hashlib
-        tag = tag.encode()[:MAX_TAG - 17].decode(errors="ignore") + "~" + hashlib.sha256(tag.encode()).hexdigest()[:16]
-    return tag
-
-
-def _python_scalar(text: str) -> str:
-    if text.lower() in ("true", "false"):
-        return text.capitalize()
-    for kind in (int, float):
-        try:
-            return str(kind(text))
-        except ValueError:
-            pass
-    return text
-
-
-OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)
-
 
 def _fail(message: str) -> None:
     print(f"sparsetune: error: {message}", file=sys.stderr)
@@ -75,8 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         if command == "run":
             _hydra_run(rest)
         elif command == "paper":
-            from .paper import main as paper_main
-            paper_main(rest)
+            _paper(rest)
         elif command == "tokens":
             _tokens(rest)
         elif command == "table":
@@ -93,7 +59,8 @@ def _hydra_run(args: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .results import completed_run
+    from .data import fingerprint_of
+    from .record import completed_run
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
     def app(cfg):
@@ -102,7 +69,9 @@ def _hydra_run(args: list[str]) -> None:
         if hc.mode.name == "MULTIRUN" and "joblib" in hc.launcher._target_.lower():
             pin_gpu(hc.job.num)
         try:
-            record = completed_run(cfg, run_dir)   # before importing torch: a resumed sweep skips in seconds
+            validate_config(cfg)
+            # before importing torch: a resumed sweep skips in seconds
+            record = completed_run(cfg, run_dir, fingerprint_of(cfg))
             if record is None:
                 from .train import run
                 record = run(cfg, run_dir)
@@ -116,9 +85,9 @@ def _hydra_run(args: list[str]) -> None:
                 logging.getLogger("sparsetune").exception("run failed: %s", run_dir)
                 return None
             raise
-        if record.get("status") == "interrupted":
+        if record.status == "interrupted":
             sys.exit(130)
-        return record.get("metrics", {}).get("validation", {}).get(cfg.task.headline_metric)
+        return record.headline() if record.metrics else None
 
     sys.argv = ["sparsetune run"] + args
     app()
@@ -145,13 +114,34 @@ def pin_gpu(job_num: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[job_num % len(gpus)]
 
 
-def compose(overrides: list[str], hydra: bool = False):
-    """The run config without starting a run (for tokens, paper, predict and tests); hydra=True keeps the
-    hydra node (sweeper params, output settings)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+def _paper(args: list[str]) -> None:
+    from . import sweep
+    from .report import write_tables
+    p = argparse.ArgumentParser(prog="sparsetune paper", description=sweep.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("all",) + sweep.STAGES, default="all")
+    p.add_argument("--experiment", default="paper_cpu", help="the main grid (configs/experiment/)")
+    p.add_argument("--ablation", default="paper_ablation_cpu", help="the sparse ablation; 'none' to skip")
+    p.add_argument("--out", default="results/paper", help="folder for tables and plots")
+    p.add_argument("--lr-extend", type=int, default=2, metavar="N",
+                   help="widen a grid by up to N lr steps past an end that scores best (0: the lr_grid only)")
+    p.add_argument("overrides", nargs="*", help="hydra options (e.g. hydra/launcher=joblib), backbone, output_root")
+    a = p.parse_args(args)
+    plan = sweep.Plan(a.experiment, a.overrides, a.lr_extend)
+    ablation = None if a.ablation == "none" else sweep.Plan(a.ablation, a.overrides)
+    stages = sweep.STAGES if a.stage == "all" else (a.stage,)
+    try:
+        if "grid" in stages:
+            sweep.run_grid(plan)
+        if "seeds" in stages:
+            sweep.run_seeds(plan)
+        if "ablation" in stages and ablation is not None:
+            sweep.run_ablation(plan, ablation)
+    except KeyboardInterrupt:
+        raise UserError("interrupted: finished runs are kept; rerun the same command to resume") from None
+    if "tables" in stages:
+        for path in write_tables(plan, ablation, Path(a.out)):
+            print(f"wrote {path}")
 
 
 def _tokens(args: list[str]) -> None:
@@ -170,7 +160,8 @@ def _table(args: list[str]) -> None:
     p.add_argument("--cols", default="task", help="grouping for columns")
     p.add_argument("--csv", default=None, help="CSV path (default: comparison.csv in the first DIR)")
     a = p.parse_args(args)
-    from .results import collect, comparison_table
+    from .record import collect
+    from .report import comparison_table
     records = collect(a.dirs)
     if not records:
         raise UserError(f"no completed runs (metrics.json with status completed) under {', '.join(a.dirs)}")
@@ -193,7 +184,7 @@ def _predict(args: list[str]) -> None:
     p.add_argument("--top", type=int, default=3, help="how many probabilities to show with --json")
     a = p.parse_args(args)
     from .predict import format_predictions, load_run, predict
-    texts = a.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = a.texts or stdin_lines()
     runner = load_run(Path(a.run_dir))
     for line in format_predictions(runner, predict(runner, texts), texts, as_json=a.json, top=a.top):
         print(line)
@@ -203,10 +194,29 @@ def _merge(args: list[str]) -> None:
     p = argparse.ArgumentParser(prog="sparsetune merge", description="Write a run as a plain Hugging Face model.")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it already holds files")
     a = p.parse_args(args)
     from .predict import load_run, merge
-    merge(load_run(Path(a.run_dir)), Path(a.out_dir))
-    print(f"wrote {a.out_dir}")
+    out = Path(a.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give merge a folder to write the model into")
+    if out.is_dir() and any(out.iterdir()) and not a.force:
+        raise UserError(f"{out} already holds files; pass --force to replace its contents, or choose a new folder")
+    merge(load_run(Path(a.run_dir)), out)
+    print(f"wrote {out}")
+
+
+def stdin_lines() -> list[str]:
+    """Non-empty input lines from stdin; bytes that are not UTF-8 are named by line."""
+    lines = []
+    for lineno, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise UserError(f"stdin:{lineno}: not UTF-8; give predict UTF-8 text") from None
+        if line.strip():
+            lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import numpy as np
 from datasets import Dataset, load_from_disk
 
 from .errors import UserError
+from .formats import encode, row_formatter
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,22 @@ class TaskData:
     labels: list[str]                  # index -> label name, from train
     source: str                        # where the rows came from
 
+    @property
+    def fingerprint(self) -> str:
+        """A content hash of the rows this run uses (after sampling and limits) and the label order: part of a
+        run's identity, so a changed data file never passes for the same run."""
+        h = hashlib.sha256(json.dumps(self.labels).encode())
+        for split in sorted(self.splits):
+            h.update(split.encode())
+            for r in self.splits[split]:
+                h.update(json.dumps([r["text"], r["text_pair"], r["label"]]).encode())
+        return h.hexdigest()
+
+
+def fingerprint_of(cfg):
+    """The fingerprint of the data a config reads, computed only when called (a completed run's check)."""
+    return lambda: load_task(cfg.task, cfg.data_dir, cfg.seed).fingerprint
+
 
 def candidate_data_dirs(data_dir: str | None) -> list[Path]:
     if data_dir:
@@ -40,40 +57,55 @@ def candidate_data_dirs(data_dir: str | None) -> list[Path]:
     return dirs
 
 
+def text_lines(path: Path):
+    """(line number, line) of a UTF-8 text file; bytes that are not UTF-8 are named by file:line. The one way
+    data files are decoded."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "re-save the file as UTF-8") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove that line")
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line")
-            row["_where"] = f"{path}:{lineno}"
-            rows.append(row)
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove that line")
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object per line")
+        row["_where"] = f"{path}:{lineno}"
+        rows.append(row)
     return rows
 
 
 def read_csv(path: Path) -> list[dict]:
     import csv
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, strict=True)
-        start = 2   # the line where the next record begins (a quoted field may span lines)
-        try:
-            for row in reader:
-                where = f"{path}:{start}"
-                extra, missing = row.pop(None, []), [k for k, v in row.items() if v is None]
-                if extra or missing:
-                    raise UserError(f"{where}: {len(reader.fieldnames) + len(extra) - len(missing)} fields where the "
-                                    f"header has {len(reader.fieldnames)}; quote fields that contain commas")
-                rows.append(dict(row, _where=where))
-                start = reader.line_num + 1
-        except csv.Error as e:
-            raise UserError(f"{path}:{start}: malformed CSV ({e}); check the quotes from this line on") from None
+    reader = csv.DictReader((line for _, line in text_lines(path)), strict=True)
+    header = reader.fieldnames or []
+    dups = sorted({name for name in header if header.count(name) > 1})
+    if dups:   # DictReader would keep the last column of each name, silently
+        raise UserError(f"{path}:1: the header names {', '.join(repr(d) for d in dups)} more than once; "
+                        "give every column its own name")
+    start = 2   # the line where the next record begins (a quoted field may span lines)
+    try:
+        for row in reader:
+            where = f"{path}:{start}"
+            extra, missing = row.pop(None, []), [k for k, v in row.items() if v is None]
+            if extra or missing:
+                raise UserError(f"{where}: {len(reader.fieldnames) + len(extra) - len(missing)} fields where the "
+                                f"header has {len(reader.fieldnames)}; quote fields that contain commas")
+            rows.append(dict(row, _where=where))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f"{path}:{start}: malformed CSV ({e}); check the quotes from this line on") from None
     return rows
 
 
@@ -82,49 +114,6 @@ def find_split_file(folder: Path, split: str) -> Path | None:
         if (folder / f"{split}.{ext}").is_file():
             return folder / f"{split}.{ext}"
     return None
-
-
-def _field(row: dict, key: str) -> str:
-    if key not in row or row[key] is None:
-        raise UserError(f"{row['_where']}: missing field '{key}' (fields present: "
-                        f"{', '.join(k for k in row if k != '_where')})")
-    return str(row[key])
-
-
-def row_formatter(task):
-    """A function from one raw row to {"text", "text_pair", "label"} following the task's input format.
-    It reads the task config once: OmegaConf lookups per row took 10 of 11 seconds of loading CLINC150."""
-    label_field = "label_coarse" if task.get("coarse") else task.label_field
-    fmt, text_field, text_fields = task.format, task.get("text_field"), task.get("text_fields")
-    if fmt not in ("text", "pair", "srl"):
-        raise UserError(f"task.format={fmt!r} is not one of text, pair, srl")
-    if fmt == "pair" and (text_fields is None or len(text_fields) != 2):
-        raise UserError(f"task.text_fields={text_fields}: a pair task names two fields, e.g. [text_a, text_b]")
-
-    def format_row(row: dict) -> dict:
-        label = _field(row, label_field)
-        if fmt == "text":
-            text, pair = _field(row, text_field), None
-        elif fmt == "pair":
-            text, pair = _field(row, text_fields[0]), _field(row, text_fields[1])
-        else:
-            text, pair = srl_input(row)
-        if not text.strip():
-            raise UserError(f"{row['_where']}: empty text; remove the row or fill it in")
-        return {"text": text, "text_pair": pair, "label": label}
-    return format_row
-
-
-def srl_input(row: dict) -> tuple[str, str]:
-    """Mark the predicate with << >> and the argument head with [[ ]] so the model sees both."""
-    words = _field(row, "sentence").split(" ")
-    p, a = int(_field(row, "predicate_index")), int(_field(row, "argument_index"))
-    if not (0 <= p < len(words) and 0 <= a < len(words)):
-        raise UserError(f"{row['_where']}: predicate_index/argument_index out of range of the sentence")
-    words = list(words)
-    words[p] = f"<< {words[p]} >>"
-    words[a] = f"[[ {words[a]} ]]"
-    return " ".join(words), f"predicate: {row['predicate']} ; argument: {row['argument']}"
 
 
 def load_task(task, data_dir: str | None, seed: int = 0) -> TaskData:
@@ -241,11 +230,9 @@ def tokenize(data: TaskData, tokenizer, max_length: int,
     label_id = {name: i for i, name in enumerate(data.labels)}
     out, truncated = {}, {}
     for split, rows in data.splits.items():
-        texts = [r["text"] for r in rows]
-        pairs = [r["text_pair"] for r in rows] if rows and rows[0]["text_pair"] is not None else None
-        full = tokenizer(texts, pairs, truncation=False)["input_ids"]
+        full = encode(tokenizer, rows, max_length, truncation=False)["input_ids"]
         truncated[split] = sum(len(ids) > max_length for ids in full)
-        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        enc = encode(tokenizer, rows, max_length)
         enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         # Labels never seen in train get -100: ignored by the loss, and always counted wrong.
         enc["labels"] = [label_id.get(r["label"], -100) for r in rows]

@@ -9,11 +9,11 @@ import torch
 from omegaconf import OmegaConf
 
 from .errors import UserError
+from .formats import encode, parse_input
 from .methods import get_method
 from .methods.base import WEIGHTS
 from .models import backbone_dtype, load_model, load_tokenizer
-from .results import file_sha256, read_metrics
-from .train import MODEL_DIR
+from .record import CONFIG_FILE, LABELS_FILE, MODEL_DIR, read_record, file_sha256
 
 
 @dataclass
@@ -26,42 +26,23 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path) -> LoadedRun:
-    record = read_metrics(run_dir)
-    if not record or record.get("status") != "completed":
+    record = read_record(run_dir)
+    if record is None or record.status != "completed":
         raise UserError(f"{run_dir}: not a completed run (no metrics.json with status completed)")
     weights = run_dir / MODEL_DIR / WEIGHTS
     if not weights.is_file():
         raise UserError(f"{weights}: missing; the run's trained weights were deleted or moved")
-    expected = record.get("weights_sha256")
+    expected = record.weights_sha256
     if expected and file_sha256(weights) != expected:
         raise UserError(f"{weights}: does not match the checksum the run recorded; the file was changed or replaced")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    labels = json.loads((run_dir / "labels.json").read_text())
+    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
+    labels = json.loads((run_dir / LABELS_FILE).read_text())
     tokenizer = load_tokenizer(cfg.backbone)
     model = load_model(cfg.backbone, len(labels), tokenizer, cfg.seed)
     method = get_method(cfg.method)
     model = method.load(model, run_dir / MODEL_DIR)
     model.eval()
     return LoadedRun(cfg, labels, tokenizer, model, method)
-
-
-def parse_input(task, line: str) -> tuple[str, str | None]:
-    """One user input in the task's format: plain text; 'a<TAB>b' for pairs;
-    'sentence<TAB>predicate_index<TAB>argument_index' for srl."""
-    from .data import srl_input
-    parts = line.split("\t")
-    if task.format == "pair":
-        if len(parts) != 2:
-            raise UserError(f"pair task {task.name}: give each input as text_a<TAB>text_b, got {line!r}")
-        return parts[0], parts[1]
-    if task.format == "srl":
-        if len(parts) != 3:
-            raise UserError("srl: give each input as sentence<TAB>predicate_index<TAB>argument_index")
-        words = parts[0].split(" ")
-        p, a = int(parts[1]), int(parts[2])
-        return srl_input({"sentence": parts[0], "predicate_index": p, "argument_index": a,
-                          "predicate": words[p], "argument": words[a], "_where": "input"})
-    return line, None
 
 
 @torch.no_grad()
@@ -71,8 +52,7 @@ def predict(run: LoadedRun, texts: list[str], batch_size: int = 64) -> torch.Ten
     inputs = [parse_input(run.cfg.task, t) for t in texts]
     if not inputs:
         return torch.empty(0, len(run.labels))
-    pairs = [b for _, b in inputs] if inputs[0][1] is not None else None
-    enc = run.tokenizer([a for a, _ in inputs], pairs, truncation=True, max_length=run.cfg.task.max_length)
+    enc = encode(run.tokenizer, inputs, run.cfg.task.max_length)
     keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     order = sorted(range(len(inputs)), key=lambda i: -len(enc["input_ids"][i]))
     probs = torch.empty(len(inputs), len(run.labels))
@@ -103,9 +83,21 @@ def format_predictions(run: LoadedRun, probs: torch.Tensor, texts: list[str], as
 
 
 def merge(run: LoadedRun, out_dir: Path) -> None:
-    """A plain Hugging Face model folder with the base architecture: no sparsetune code needed to load it."""
+    """A plain Hugging Face model folder with the base architecture: no sparsetune code needed to load it. Written
+    beside out_dir and renamed into place, so out_dir never holds a mix of old and new files."""
+    import shutil
+    import tempfile
     model = run.method.export(run.model).to(backbone_dtype(run.cfg.backbone))   # one dtype in the folder
     model.config.id2label = dict(enumerate(run.labels))
     model.config.label2id = {name: i for i, name in enumerate(run.labels)}
-    model.save_pretrained(out_dir)
-    run.tokenizer.save_pretrained(out_dir)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .formats import encode   # the same tokenization the model sees, so token positions line up
+
 
 @dataclass
 class TokenGroups:
@@ -24,13 +26,6 @@ class TokenGroups:
 
     def __post_init__(self):
         self.index = {g: i for i, g in enumerate(self.groups)}
-
-
-def encode(tokenizer, rows: list[dict], max_length: int):
-    """The same tokenization the model sees (so positions line up), with word boundaries."""
-    texts = [r["text"] for r in rows]
-    pairs = [r["text_pair"] for r in rows] if rows and rows[0]["text_pair"] is not None else None
-    return tokenizer(texts, pairs, truncation=True, max_length=max_length)
 
 
 def example_grams(enc, i: int, max_ngram: int):
@@ -139,18 +134,12 @@ def report(groups: TokenGroups, labels: list[str], tokenizer, top: int = 30, per
 
 def token_report(cfg) -> dict:
     """Mine a task's groups with the configured backbone tokenizer, without training (`sparsetune tokens`)."""
+    from .config import method_defaults
     from .data import load_task
     from .models import load_tokenizer
     tokenizer = load_tokenizer(cfg.backbone)
     data = load_task(cfg.task, cfg.data_dir, cfg.seed)
-    m = cfg.method if cfg.method.name == "sparse" else _sparse_defaults()
+    m = cfg.method if cfg.method.name == "sparse" else method_defaults("sparse")
     groups = mine(data.splits["train"], data.labels, tokenizer, cfg.task.max_length, m.num_groups, m.min_count,
                   m.max_ngram)
     return report(groups, data.labels, tokenizer)
-
-
-def _sparse_defaults():
-    from omegaconf import OmegaConf
-
-    from .cli import CONFIG_DIR
-    return OmegaConf.load(f"{CONFIG_DIR}/method/sparse.yaml")

@@ -16,7 +16,7 @@ TINY = ["task.train_limit=200", "task.eval_limit=60", "train.epochs=1", "train.p
 
 
 def compose(overrides: list[str]):
-    from sparsetune_cli.cli import compose as _compose
+    from sparsetune_cli.config import compose as _compose
     return _compose(overrides)
 
 
@@ -25,7 +25,7 @@ def run_tiny(tmp_path: Path, overrides: list[str]):
     from sparsetune_cli.train import run
     cfg = compose(["backbone=tiny-encoder", f"output_root={tmp_path}"] + TINY + overrides)
     run_dir = tmp_path / "run"
-    return run(cfg, run_dir), run_dir
+    return run(cfg, run_dir).to_dict(), run_dir
 
 
 @pytest.fixture(scope="session")

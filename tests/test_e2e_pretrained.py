@@ -16,7 +16,7 @@ def minilm_sparse_run(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("minilm")
     cfg = compose(["task=intent", "method=sparse", f"data_dir={data_dir}", f"output_root={tmp}",
                    "task.train_limit=3000", "task.eval_limit=900", "train.epochs=1", "train.progress=false"])
-    record = run(cfg, tmp / "run")
+    record = run(cfg, tmp / "run").to_dict()
     return record, tmp / "run"
 
 

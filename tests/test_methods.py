@@ -21,7 +21,7 @@ def setup(backbone, method, data_dir, extra=()):
     data = load_task(cfg.task, cfg.data_dir)
     ds, _ = tokenize(data, tok, cfg.task.max_length)
     context = method_context(cfg, data, ds, tok)
-    return cfg, tok, data, ds, context["collator"], context
+    return cfg, tok, data, ds, context.collator, context
 
 
 def train_steps(model, ds, collator, lr, steps=4):
@@ -43,14 +43,9 @@ def base_name(name: str) -> str:
     return name.replace(".base_layer", "").replace(".original_module", "")
 
 
-INTENDED = {  # which plain-backbone parameters may change (besides the head)
-    "full": lambda n, state: True,
-    "head_only": lambda n, state: False,
+SUBSET = {  # for methods that change base weights: which ones they may change (besides the head)
     "bitfit": lambda n, state: n.endswith(".bias") or "norm" in n,   # norms only where there is no bias
     "layer_select": lambda n, state: any(f"layers.{b}." in n or f"layer.{b}." in n for b in state["blocks"]),
-    "lora": lambda n, state: False,       # adapters are new parameters: base weights stay put
-    "prefix": lambda n, state: False,
-    "sparse": lambda n, state: False,     # deltas are separate tensors: W itself never changes
 }
 
 
@@ -72,16 +67,13 @@ def test_method_trains_only_what_it_should_and_reloads(backbone, method_name, da
         if plain in before and not torch.equal(p.detach(), before[plain]):
             changed.add(plain)
     state = method.state
-    for n in before:
-        if is_head(n):
-            continue
-        if n in changed:
-            assert INTENDED[method_name](n, state), f"{method_name} changed frozen {n}"
-    if method_name in ("full", "bitfit", "layer_select"):
-        assert any(not is_head(n) for n in changed), "the backbone part did not train"
-    if method_name in ("lora", "prefix", "sparse"):
-        new = [n for n, p in model.named_parameters() if p.requires_grad and not is_head(n)]
-        assert new and all(n not in before for n in new)
+    backbone_changed = [n for n in changed if not is_head(n)]
+    if method.changes_base_weights:   # the method's trait, from the registry
+        assert backbone_changed, "the backbone part did not train"
+        allowed = SUBSET.get(method_name, lambda n, state: True)
+        assert all(allowed(n, state) for n in backbone_changed), f"{method_name} changed frozen weights"
+    else:   # adapters, prefixes, deltas are new tensors: base weights stay put
+        assert not backbone_changed, f"{method_name} changed {backbone_changed[:3]}"
 
     model.eval()
     probe = collator([ds["test"][i] for i in range(8)])
@@ -95,7 +87,7 @@ def test_method_trains_only_what_it_should_and_reloads(backbone, method_name, da
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("method_name", ["full", "lora", "layer_select", "bitfit", "head_only"])
+@pytest.mark.parametrize("method_name", sorted(m for m, cls in METHODS.items() if cls.mergeable and m != "sparse"))
 def test_export_gives_a_plain_model_with_the_same_logits(method_name, data_dir):
     cfg, tok, data, ds, collator, context = setup("tiny-encoder", method_name, data_dir)
     method = get_method(cfg.method)
@@ -165,3 +157,43 @@ def test_frozen_dropout_defaults_to_the_methods_own_setting_and_the_train_overri
     assert compose(["method=sparse", "train.frozen_dropout=true"]).train.frozen_dropout is True
     assert compose(["method=sparse", "method.frozen_dropout=true"]).train.frozen_dropout is True
     assert compose(["method=head_only", "train.frozen_dropout=false"]).train.frozen_dropout is False
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_the_frozen_bottom_trait_matches_what_the_method_leaves_frozen(backbone, data_dir):
+    from sparsetune_cli.models import frozen_bottom, transformer_blocks
+    for name, cls in METHODS.items():
+        cfg, tok, data, ds, collator, context = setup(backbone, name, data_dir, ["method.probe_batches=1"]
+                                                      if name == "sparse" else [])
+        model = get_method(cfg.method).prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
+        blocks = {n for n, _ in transformer_blocks(model)}
+        bottom = [n for n, _ in frozen_bottom(model)]
+        if cls.frozen_bottom:   # the embeddings at least, and every block below the lowest that trains
+            assert bottom, name
+        else:                   # no whole block stays fixed (LoRA leaves only the embeddings)
+            assert not any(n in blocks for n in bottom), name
+
+
+def test_a_method_defined_in_one_file_runs_through_train(tmp_path, data_dir):
+    """A new method is a registered class (and a YAML): nothing else in the package lists methods."""
+    from conftest import run_tiny
+    from sparsetune_cli.methods import Method, register
+    from sparsetune_cli.methods.base import freeze_all_but
+
+    @register
+    class TopBiases(Method):
+        name = "toy_top_biases"
+        changes_base_weights = True
+
+        def prepare(self, model, context=None, state=None):
+            freeze_all_but(model, lambda n: n.endswith(".bias") and ".layer.1." in n)
+            return model
+    try:
+        record, run_dir = run_tiny(tmp_path, ["method=head_only", "method.name=toy_top_biases",
+                                              f"data_dir={data_dir}", "train.max_steps=3"])
+        assert record["status"] == "completed" and record["method"] == "toy_top_biases"
+        assert 0 < record["cost"]["trainable_params_without_head"] < 1000   # the top block's biases only
+        from sparsetune_cli.predict import load_run, predict
+        assert predict(load_run(run_dir), ["how do I top up"]).shape[0] == 1
+    finally:
+        METHODS.pop("toy_top_biases")

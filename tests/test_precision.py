@@ -112,7 +112,7 @@ def test_bf16_backbone_trains_fp32_deltas_and_adapters(method, backbone, data_di
 ])
 def test_precision_settings_that_cannot_work_are_refused_in_one_line(overrides, match):
     from conftest import compose
-    from sparsetune_cli.train import validate_config
+    from sparsetune_cli.config import validate_config
     with pytest.raises(UserError, match=match):
         validate_config(compose(["backbone=tiny-encoder", *overrides]))
 

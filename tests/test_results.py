@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from sparsetune_cli.results import classification_metrics, collect, comparison_table, write_json_atomic
+from sparsetune_cli.record import classification_metrics, collect, write_json_atomic
+from sparsetune_cli.report import comparison_table
 
 
 def record(method, task, seed, acc, status="completed"):
@@ -63,7 +64,7 @@ def test_table_shows_counts_as_whole_numbers(tmp_path):
 def test_git_commit_is_dirty_for_changed_code_but_not_for_changed_records(tmp_path, monkeypatch):
     import subprocess
 
-    from sparsetune_cli import results
+    from sparsetune_cli import record as results
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)

@@ -148,7 +148,7 @@ def test_probe_scores_of_the_top_blocks_do_not_depend_on_where_the_backward_star
     cfg, tok, data, ds, collator, context = setup(backbone, "sparse", data_dir)
     model = load_model(cfg.backbone, len(data.labels), tok, seed=0)
     method = get_method(cfg.method)
-    groups = mine(context["rows"], data.labels, tok, cfg.task.max_length, 200, 2, 2)
+    groups = mine(context.rows, data.labels, tok, cfg.task.max_length, 200, 2, 2)
     linears = block_linears(model)
     n = len(transformer_blocks(model))
     whole, _ = method.probe(model, context, groups, linears, np.random.default_rng(0), lowest=0)

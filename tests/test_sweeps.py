@@ -14,9 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose, run_tiny
-from sparsetune_cli.cli import CONFIG_DIR, pin_gpu
+from sparsetune_cli.cli import pin_gpu
+from sparsetune_cli.config import CONFIG_DIR, non_result_keys
 from sparsetune_cli.errors import UserError
-from sparsetune_cli.results import NON_RESULT_KEYS
 
 BIN = Path(sys.executable).parent
 TINY_JOB = ["backbone=tiny-encoder", "task=trec", "task.train_limit=64", "task.eval_limit=32", "train.max_steps=6",
@@ -59,7 +59,7 @@ def test_completed_run_of_another_config_is_not_silently_reused(tmp_path, data_d
     record, run_dir = run_tiny(tmp_path, ["method=head_only", f"data_dir={data_dir}"])
     same = compose(["backbone=tiny-encoder", f"output_root={tmp_path}", "method=head_only", f"data_dir={data_dir}",
                     "task.train_limit=200", "task.eval_limit=60", "train.epochs=1", "train.progress=true"])
-    assert run(same, run_dir)["weights_sha256"] == record["weights_sha256"]   # progress bars change no result
+    assert run(same, run_dir).weights_sha256 == record["weights_sha256"]   # progress bars change no result
     other = compose(["backbone=tiny-encoder", f"output_root={tmp_path}", "method=head_only", f"data_dir={data_dir}",
                      "task.train_limit=200", "task.eval_limit=60", "train.epochs=1", "method.lr=0.1"])
     with pytest.raises(UserError, match=r"different config \(method\.lr: 0\.01 -> 0\.1\); pass force=true"):
@@ -69,11 +69,12 @@ def test_completed_run_of_another_config_is_not_silently_reused(tmp_path, data_d
 def test_keys_that_do_not_change_results_stay_out_of_folder_names():
     hydra_cfg = OmegaConf.load(Path(CONFIG_DIR) / "config.yaml").hydra
     excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
-    assert set(NON_RESULT_KEYS) - {"method.lr_grid"} <= excluded
+    assert non_result_keys() == excluded - {"task", "backbone", "method", "seed"}   # one list, in config.yaml
+    assert {"data_dir", "train.threads", "method.lr_grid"} <= non_result_keys()
 
 
 def test_a_run_folder_name_too_long_for_the_file_system_ends_in_a_hash_of_the_whole():
-    from sparsetune_cli.cli import MAX_TAG, run_tag
+    from sparsetune_cli.config import MAX_TAG, run_tag
     short = "method.lr=0.01,train.epochs=2"
     assert run_tag(short) == short                       # committed folder names stay as they were
     long_a = ",".join(f"+backbone.random_init.k{i}=1" for i in range(20))
@@ -135,7 +136,7 @@ def test_ddp_with_two_cpu_processes_writes_one_result(tmp_path, data_dir):
 
 
 def test_paper_refuses_overrides_that_change_the_runs():
-    from sparsetune_cli.paper import Plan
+    from sparsetune_cli.sweep import Plan
     with pytest.raises(UserError, match=r"'method\.lr=0\.1' would change the runs of experiment=paper_smoke"):
         Plan("paper_smoke", ["method.lr=0.1"])
     plan = Plan("paper_smoke", ["output_root=/tmp/x", "hydra/launcher=parallel"])
@@ -146,14 +147,14 @@ def test_paper_stops_after_a_signal_even_when_the_child_exits_cleanly(monkeypatc
     """A SIGTERM that lands while the child sweep is only skipping finished runs (so it exits 0) still stops
     `sparsetune paper` instead of going on to the next sweep."""
     import threading
-    from sparsetune_cli import paper
+    from sparsetune_cli import sweep
     child = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(2)"]
     real_popen = subprocess.Popen
-    monkeypatch.setattr(paper.subprocess, "Popen", lambda cmd: real_popen(child))
+    monkeypatch.setattr(sweep.subprocess, "Popen", lambda cmd: real_popen(child))
     before = signal.getsignal(signal.SIGTERM)
     threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
     with pytest.raises(KeyboardInterrupt):
-        paper.launch(["experiment=paper_smoke"])
+        sweep.launch(["experiment=paper_smoke"])
     assert signal.getsignal(signal.SIGTERM) == before   # our handler was removed again
 
 
@@ -165,8 +166,11 @@ class FakeGrid:
         self.score, self.lr_extend, self.fails, self.runs, self.launched = score, lr_extend, fails, {}, []
 
     def records(self, task, method, extra=None):
-        return [{"seed": 0, "config": {"method": {"lr": lr}}, "headline_metric": "accuracy",
-                 "metrics": {"validation": {"accuracy": s}, "test": {"accuracy": s}}} for lr, s in self.runs.items()]
+        from sparsetune_cli.record import RunRecord
+        return [RunRecord.from_dict({"status": "completed", "task": task, "method": method, "seed": 0,
+                                     "config": {"method": {"lr": lr}}, "headline_metric": "accuracy",
+                                     "metrics": {"validation": {"accuracy": s}, "test": {"accuracy": s}}})
+                for lr, s in self.runs.items()]
 
     def launch(self, overrides):
         lrs = next(o for o in overrides if o.startswith("method.lr=")).split("=")[1]
@@ -183,45 +187,45 @@ class FakeGrid:
     (lambda lr: 0.5 if lr < 0.02 else 0.1, 2, ["0.001,0.003,0.01,0.03"], 0.001),  # a tie at the end: stay
 ])
 def test_paper_grid_widens_past_an_end_that_scores_best(monkeypatch, score, extend, launched, chosen):
-    from sparsetune_cli import paper
+    from sparsetune_cli import report, sweep
     plan = FakeGrid(score, extend)
-    monkeypatch.setattr(paper, "launch", plan.launch)
-    paper.run_grid(plan)
+    monkeypatch.setattr(sweep, "launch", plan.launch)
+    sweep.run_grid(plan)
     assert plan.launched == launched
-    choice, missing = paper.lr_choices(plan)
+    choice, missing = sweep.lr_choices(plan)
     assert choice == {("trec", "sparse"): chosen} and missing == []
-    table = paper.lr_table(plan, choice)
+    table = report.lr_table(plan, choice)
     assert sorted(table.lr) == sorted(float(lr) for lrs in launched for lr in lrs.split(","))
     assert table[table.edge].lr.tolist() == [min(table.lr), max(table.lr)]
 
 
 def test_paper_grid_stops_widening_when_the_run_fails_and_reports_the_cell(monkeypatch):
-    from sparsetune_cli import paper
+    from sparsetune_cli import sweep
     plan = FakeGrid(lambda lr: lr, fails={0.1})
-    monkeypatch.setattr(paper, "launch", plan.launch)
-    paper.run_grid(plan)
+    monkeypatch.setattr(sweep, "launch", plan.launch)
+    sweep.run_grid(plan)
     assert plan.launched == ["0.001,0.003,0.01,0.03", "0.1"]   # tried once, not forever
-    assert paper.lr_choices(plan) == ({}, ["trec/sparse (lr 0.1 to run)"])
+    assert sweep.lr_choices(plan) == ({}, ["trec/sparse (lr 0.1 to run)"])
     plan.runs.pop(0.01)
-    assert paper.lr_choices(plan)[1] == ["trec/sparse (lr 0.01 to run)"]   # the method's own grid comes first
+    assert sweep.lr_choices(plan)[1] == ["trec/sparse (lr 0.01 to run)"]   # the method's own grid comes first
 
 
 def test_lr_step_walks_the_1_3_10_series():
-    from sparsetune_cli.paper import lr_step
+    from sparsetune_cli.sweep import lr_step
     assert [lr_step(lr, True) for lr in (1e-4, 3e-4, 0.01, 0.03)] == [3e-4, 1e-3, 0.03, 0.1]
     assert [lr_step(lr, False) for lr in (1e-4, 3e-4, 0.01, 0.03)] == [3e-5, 1e-4, 3e-3, 0.01]
 
 
 def test_cost_ratios_pair_only_runs_with_the_same_thread_setting(monkeypatch):
-    from sparsetune_cli import paper
-    monkeypatch.setattr(paper, "time_to_reach", lambda run, full: 1.0)
+    from sparsetune_cli import report
+    monkeypatch.setattr(report, "time_to_reach", lambda run, full: 1.0)
     # seed 1 of full ran under the parallel launcher (1 thread, slower); sparse's seed 1 ran alone
     runs = [("full", 0, "None", 100.0), ("full", 1, "1", 200.0), ("sparse", 0, "None", 50.0), ("sparse", 1, "None", 40.0)]
     df = pd.DataFrame([{"method": m, "task": "trec", "seed": s, "threads": t, "run_dir": f"{m}{s}",
                         "cost.train_seconds": sec, "cost.wall_seconds": sec + 10, "cost.trainable_params": 1,
                         "cost.trainable_params_without_head": 0, "cost.peak_memory_mb": 1.0, "cost.checkpoint_mb": 1.0}
                        for m, s, t, sec in runs])
-    cost = paper.cost_table(df, ["sparse", "full"]).set_index("method")
+    cost = report.cost_table(df, ["sparse", "full"]).set_index("method")
     assert cost.loc["sparse", "train time ÷ full"] == 0.5          # seed 0 only, not the mean of 0.5 and 0.2
     assert cost.loc["sparse", "runs paired with full"] == 1 and cost.loc["sparse", "runs"] == 2
     assert cost.loc["full", "runs paired with full"] == 2
@@ -237,7 +241,7 @@ def test_paper_pipeline_end_to_end(tmp_path, data_dir):
                  "metric_vs_params.png", "metric_vs_time.png", "seed_spread.png"):
         assert (out / name).stat().st_size > 0, name
 
-    from sparsetune_cli.paper import lr_grid
+    from sparsetune_cli.sweep import lr_grid
     grid = pd.read_csv(out / "lr_grid.csv")
     for (task, method), cell in grid.groupby(["task", "method"]):
         assert set(lr_grid(method)) <= set(cell.lr), (task, method)   # the grid, widened past a best end

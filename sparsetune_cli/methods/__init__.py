@@ -1,19 +1,12 @@
-"""Finetuning methods by config name. Each is a small class (see base.Method)."""
+"""Finetuning methods by config name: every module of this package registers its own (see base.py)."""
 from __future__ import annotations
 
-from ..errors import UserError
-from .base import Method, count_params
-from .peft_methods import Lora, Prefix
-from .simple import BitFit, Full, HeadOnly, LayerSelect
-from .sparse import Sparse
+import importlib
+import pkgutil
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Sparse, Full, Lora, LayerSelect, Prefix, HeadOnly, BitFit)}
+from .base import METHODS, Method, MethodContext, count_params, get_method, register
 
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-def get_method(cfg) -> Method:
-    if cfg.name not in METHODS:
-        raise UserError(f"unknown method {cfg.name!r}; choose one of: {', '.join(METHODS)}")
-    return METHODS[cfg.name](cfg)
-
-
-__all__ = ["METHODS", "Method", "get_method", "count_params"]
+__all__ = ["METHODS", "Method", "MethodContext", "get_method", "count_params", "register"]

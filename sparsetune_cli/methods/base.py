@@ -3,29 +3,77 @@
 A method never touches the training loop. `prepare` freezes, wraps or adds parameters; whatever
 still has requires_grad=True is what the optimizer sees and what the checkpoint stores. `state` is
 any extra structure the method needs to rebuild the same model at load time (e.g. a selection).
+
+A new method is one module in this package plus one YAML in configs/method/: the module defines a
+Method subclass decorated with @register, its options as a dataclass (`Options`, typed) and their
+ranges (`validate`). Nothing else lists the methods.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import check_types
+from ..errors import UserError
 from ..models import is_head
 
 WEIGHTS = "trained.safetensors"
 STATE = "method_state.json"
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available as method=NAME (configs/method/NAME.yaml)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(cfg) -> Method:
+    """The method a `method` config names, its options checked."""
+    if cfg.name not in METHODS:
+        raise UserError(f"unknown method {cfg.name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[cfg.name](cfg)
+
+
+@dataclasses.dataclass
+class MethodContext:
+    """What `prepare` gets for a new run: the training data as the model sees it and a few run settings."""
+    rows: list[dict]          # training rows as formatted text: {"text", "text_pair", "label"}
+    train: Any                # the same rows tokenized (a datasets.Dataset with input_ids, labels, ...)
+    collator: Any             # pads a list of tokenized rows into a batch
+    tokenizer: Any
+    labels: list[str]         # index -> label name
+    max_length: int
+    batch_size: int
+    seed: int
+    artifacts: Path | None = None   # a folder for the method's own reports; None: write nothing
 
 
 class Method:
     name = "base"
+    changes_base_weights = False   # trained values live in the backbone's own tensors (else in new ones)
+    frozen_bottom = False          # everything below some block stays fixed (what trains is the top and the head)
+    mergeable = True               # `export` gives a plain model of the base architecture
+
+    @dataclasses.dataclass
+    class Options:   # the method's own keys and their types (beyond name, lr, lr_grid)
+        pass
 
     def __init__(self, cfg):
         self.cfg = cfg
+        check_types(cfg, self.Options, "method.")
+        self.validate()
         self.state: dict = {}   # JSON-serializable; saved with the weights
 
-    def prepare(self, model, context=None, state: dict | None = None):
+    def validate(self) -> None:
+        """Raise UserError naming the key when an option is out of range."""
+
+    def prepare(self, model, context: MethodContext | None = None, state: dict | None = None):
         """Return the model ready to train. `context` (train data etc.) is given for a new run;
         `state` (from a saved run) instead when rebuilding for loading."""
         raise NotImplementedError
@@ -42,12 +90,8 @@ class Method:
     def save(self, model, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        tensors.update(self.extra_tensors(model))
         save_file(tensors, str(out_dir / WEIGHTS))
         (out_dir / STATE).write_text(json.dumps({"method": self.name, "state": self.state}))
-
-    def extra_tensors(self, model) -> dict[str, torch.Tensor]:
-        return {}
 
     def load(self, model, run_model_dir: Path):
         state = json.loads((run_model_dir / STATE).read_text())["state"]

@@ -1,14 +1,19 @@
 """Methods that only choose which existing parameters train: full, head_only, bitfit, layer_select."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 from ..errors import UserError
 from ..models import is_head, transformer_blocks
-from .base import Method, freeze_all_but
+from .base import Method, freeze_all_but, register
 
 
+@register
 class Full(Method):
     """End-to-end finetuning: everything trains."""
     name = "full"
+    changes_base_weights = True
 
     def prepare(self, model, context=None, state=None):
         for p in model.parameters():
@@ -16,19 +21,23 @@ class Full(Method):
         return model
 
 
+@register
 class HeadOnly(Method):
     """Linear probe: the backbone is frozen, only the head trains (a cost floor)."""
     name = "head_only"
+    frozen_bottom = True
 
     def prepare(self, model, context=None, state=None):
         freeze_all_but(model, lambda name: False)
         return model
 
 
+@register
 class BitFit(Method):
     """Biases of the backbone plus the head (Ben Zaken et al., 2022). Backbones without biases
     (Llama-style decoders) train their normalization gains instead, the nearest equivalent."""
     name = "bitfit"
+    changes_base_weights = True
 
     def prepare(self, model, context=None, state=None):
         has_bias = any(n.endswith(".bias") and not is_head(n) for n, _ in model.named_parameters())
@@ -36,9 +45,22 @@ class BitFit(Method):
         return model
 
 
+@register
 class LayerSelect(Method):
     """Whole transformer blocks train, the rest is frozen: the top N by default."""
     name = "layer_select"
+    changes_base_weights = True
+    frozen_bottom = True
+
+    @dataclasses.dataclass
+    class Options:
+        num_blocks: int = 2
+        position: str = "top"
+        blocks: Optional[list[int]] = None
+
+    def validate(self) -> None:
+        if self.cfg.position not in ("top", "bottom"):
+            raise UserError(f"method.position={self.cfg.position!r}: choose top or bottom")
 
     def chosen_blocks(self, n_blocks: int) -> list[int]:
         if self.cfg.get("blocks"):

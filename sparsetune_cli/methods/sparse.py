@@ -11,9 +11,12 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..formats import encode
 from ..models import is_head, transformer_blocks
-from .base import Method
+from ..tokens import mine, position_mask
+from ..tokens import report as make_report
+from .base import Method, MethodContext, register
 
 log = logging.getLogger(__name__)
 SELECTORS = ("token", "all_positions", "magnitude", "random")
@@ -145,13 +151,37 @@ def _replace(model, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+@register
 class Sparse(Method):
     name = "sparse"
+    frozen_bottom = True   # below the top `depth` blocks (unless embeddings=true)
+
+    @dataclasses.dataclass
+    class Options:
+        budget: float = 0.01
+        depth: Any = 2            # a number of blocks, or all
+        selector: str = "token"
+        num_groups: int = 1000
+        min_count: int = 3
+        max_ngram: int = 3
+        probe_batches: int = 16
+        frozen_dropout: bool = False
+        embeddings: bool = False
+
+    def validate(self) -> None:
+        cfg = self.cfg
+        if cfg.selector not in SELECTORS:
+            raise UserError(f"method.selector={cfg.selector!r}: choose one of {', '.join(SELECTORS)}")
+        if not 0 < cfg.budget <= 1:
+            raise UserError(f"method.budget={cfg.budget} is out of range: allowed (0, 1]")
+        if not (cfg.depth in (None, "all") or (isinstance(cfg.depth, int) and cfg.depth >= 1)):
+            raise UserError(f"method.depth={cfg.depth!r}: a number of top blocks >= 1, or all")
+        for key in ("num_groups", "min_count", "max_ngram", "probe_batches"):
+            if cfg[key] < 1:
+                raise UserError(f"method.{key}={cfg[key]} is out of range: allowed >= 1")
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.selector not in SELECTORS:
-            raise UserError(f"method.selector={cfg.selector!r}: choose one of {', '.join(SELECTORS)}")
         self.timings: dict[str, float] = {}
 
     def cost_extra(self) -> dict:
@@ -180,9 +210,9 @@ class Sparse(Method):
         return model
 
     # ---------------------------------------------------------------- stages 1-3
-    def select(self, model, context) -> dict:
-        cfg, run_cfg = self.cfg, context["cfg"]
-        rng = np.random.default_rng(run_cfg.seed)
+    def select(self, model, context: MethodContext) -> dict:
+        cfg = self.cfg
+        rng = np.random.default_rng(context.seed)
         linears = block_linears(model)
         n_blocks = len(transformer_blocks(model))
         backbone_params = sum(p.numel() for n, p in model.named_parameters() if not is_head(n))
@@ -194,15 +224,12 @@ class Sparse(Method):
         groups, report = None, None
         t0 = time.perf_counter()
         if cfg.selector == "token" or cfg.embeddings:
-            from ..tokens import mine, report as make_report
-            groups = mine(context["rows"], context["labels"], context["tokenizer"], run_cfg.task.max_length,
+            groups = mine(context.rows, context.labels, context.tokenizer, context.max_length,
                           cfg.num_groups, cfg.min_count, cfg.max_ngram)
-            report = make_report(groups, context["labels"], context["tokenizer"])
-            run_dir = context.get("run_dir")
-            if run_dir is not None:
-                import json
-                (run_dir / "token_groups.md").write_text(report["markdown"])
-                (run_dir / "token_groups.json").write_text(json.dumps(
+            report = make_report(groups, context.labels, context.tokenizer)
+            if context.artifacts is not None:
+                (context.artifacts / "token_groups.md").write_text(report["markdown"])
+                (context.artifacts / "token_groups.json").write_text(json.dumps(
                     {"groups": report["groups"], "per_class": report["per_class"]}, indent=1))
         self.timings["mining_seconds"] = time.perf_counter() - t0
         if groups is not None and not groups.groups:
@@ -259,13 +286,12 @@ class Sparse(Method):
     def probe(self, model, context, groups, linears, rng, lowest: int = 0):
         """Accumulate token-driven (or all-position) squared gradient norms per output row, for the blocks
         from `lowest` up: the backward pass starts at that block's input and costs nothing below it."""
-        from ..tokens import encode, position_mask
-        cfg, run_cfg = self.cfg, context["cfg"]
-        train, collator, tokenizer = context["train"], context["collator"], context["tokenizer"]
-        bs = run_cfg.train.batch_size
+        cfg = self.cfg
+        train, collator, tokenizer = context.train, context.collator, context.tokenizer
+        bs = context.batch_size
         n = min(len(train), cfg.probe_batches * bs)
         idx = rng.choice(len(train), size=n, replace=False)
-        enc = encode(tokenizer, [context["rows"][i] for i in idx], run_cfg.task.max_length) if groups else None
+        enc = encode(tokenizer, [context.rows[i] for i in idx], context.max_length) if groups else None
 
         scores = {name: torch.zeros(m.out_features, dtype=torch.float64) for _, name, m in linears}
         emb = model.get_input_embeddings()

@@ -1,0 +1,277 @@
+"""Reports: tables and plots from finished runs' records (`sparsetune table`, `sparsetune paper --stage tables`).
+
+Aggregation only: every number comes from a metrics.json read through record.RunRecord.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+from .record import RunRecord, mean_std, read_record
+from .sweep import Plan, fmt_lr, lr_cell, lr_choices, lr_grid, main_records
+
+
+def flatten(rec: RunRecord) -> dict:
+    """One flat row per run: identity, every split's metrics and every cost figure."""
+    row = {"task": rec.task, "backbone": rec.backbone, "method": rec.method, "seed": rec.seed,
+           "run_dir": rec.run_dir, "variant": rec.variant}
+    for split, metrics in (rec.metrics or {}).items():
+        for k, v in metrics.items():
+            row[f"{split}.{k}"] = v
+    for k, v in (rec.cost or {}).items():
+        row[f"cost.{k}"] = v
+    row["headline"] = rec.headline_metric
+    return row
+
+
+def comparison_table(records: list[RunRecord], metric: str = "headline", split: str = "test",
+                     rows: str = "method", cols: str = "task"):
+    """mean ± std over seeds of one metric; rows x cols (e.g. method x task). Returns (display, numbers)."""
+    if not records:
+        raise ValueError("no completed runs found")
+    df = pd.DataFrame([flatten(r) for r in records])
+    if metric == "headline":
+        df["value"] = [r[f"{split}.{h}"] if f"{split}.{h}" in r else np.nan for r, h in
+                       zip(df.to_dict("records"), df["headline"])]
+    else:
+        key = metric if "." in metric else f"{split}.{metric}"
+        if key not in df:
+            raise ValueError(f"no metric {key!r} in the runs; available: {', '.join(c for c in df if '.' in c)}")
+        df["value"] = df[key]
+    stats = df.groupby([rows, cols])["value"].agg(["mean", "std", "count"]).reset_index()
+    counts = metric != "headline" and bool(df["value"].dropna().map(lambda v: float(v).is_integer()).all())
+
+    whole = "{:,.0f}"   # counts and sizes as whole numbers, scores with 4 decimals
+    cell = stats.apply(lambda s: mean_std(s["mean"], s["std"], s["count"],
+                                          whole if counts or abs(s["mean"]) >= 1000 else "{:.4f}"), axis=1)
+    display = stats.assign(cell=cell).pivot(index=rows, columns=cols, values="cell").fillna("")
+    return display, stats
+
+
+def frame(records: list[RunRecord]) -> pd.DataFrame:
+    """One row per run with the test/validation headline, the lr and the sparse ablation settings."""
+    rows = []
+    for r in records:
+        row = flatten(r)
+        m = r.config["method"]
+        row.update(lr=m["lr"], selector=m.get("selector"), budget=m.get("budget"),
+                   threads=str(r.config["train"].get("threads")),
+                   test=r.headline("test"), validation=r.headline("validation"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def over_seeds(values: pd.Series) -> str:
+    return mean_std(values.mean(), values.std(), len(values))
+
+
+def main_table(df: pd.DataFrame, tasks: list[str], methods: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """task x method, mean ± std over seeds of the test headline metric, plus the average over tasks."""
+    stats = df.groupby(["method", "task"])["test"].agg(["mean", "std", "count"]).reset_index()
+    cells = df.groupby(["method", "task"])["test"].apply(over_seeds).unstack("task")
+    cells = cells.reindex(index=[m for m in methods if m in cells.index],
+                          columns=[t for t in tasks if t in cells.columns])
+    means = stats.pivot(index="method", columns="task", values="mean")
+    cells["average"] = [f"{means.loc[m].mean():.4f}" if means.loc[m].notna().sum() == len(tasks) else "(incomplete)"
+                        for m in cells.index]
+    return cells.fillna(""), stats
+
+
+def lr_table(plan: Plan, chosen: dict) -> pd.DataFrame:
+    """The learning-rate grid: seed-0 validation score of every grid point (the widened grid once a cell is
+    finished), the choice and whether it sits on an end of the grid (then a wider grid might do better)."""
+    rows = []
+    for task in plan.tasks:
+        for method in plan.methods:
+            runs, todo = lr_cell(plan, task, method, plan.lr_extend)
+            if todo:   # unfinished: show what has run of the method's own grid
+                grid = {fmt_lr(lr) for lr in lr_grid(method)}
+                runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method)
+                        if r.seed == 0 and fmt_lr(r.config["method"]["lr"]) in grid}
+            ends = {min(runs, key=float), max(runs, key=float)} if runs else set()
+            pick = chosen.get((task, method))
+            for lr, r in sorted(runs.items(), key=lambda kv: float(kv[0])):
+                rows.append({"task": task, "method": method, "lr": float(lr), "validation": r.headline(),
+                             "test": r.headline("test"), "chosen": pick is not None and fmt_lr(pick) == lr,
+                             "edge": lr in ends})
+    return pd.DataFrame(rows)
+
+
+def cost_table(df: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """Per method: costs as ratios to full finetuning on the same task and seed, then averaged; sizes as medians.
+    Only runs with the same train.threads pair up: the parallel launcher runs jobs at 1 thread each, 1.5-1.8x
+    slower per run than one job alone, so a ratio across the two settings measures the launcher, not the method."""
+    full = df[df.method == "full"].set_index(["task", "seed", "threads"])
+    rows = []
+    for method in [m for m in methods if m in set(df.method)]:
+        sub = df[df.method == method]
+        row = {"method": method, "runs": len(sub),
+               "trainable params": int(sub["cost.trainable_params"].median()),
+               "trainable params without head": int(sub["cost.trainable_params_without_head"].median())}
+        paired = sub.join(full, on=["task", "seed", "threads"], rsuffix="_full", how="inner")
+        row["runs paired with full"] = len(paired)
+        for key, name in (("cost.train_seconds", "train time ÷ full"), ("cost.wall_seconds", "whole run ÷ full")):
+            if key in paired and f"{key}_full" in paired:
+                row[name] = round(float((paired[key] / paired[f"{key}_full"]).mean()), 3)
+        reached = [time_to_reach(r, f) for r, f in zip(paired["run_dir"], paired["run_dir_full"])]
+        got = [x for x in reached if x is not None]
+        row["time to full's best validation ÷ full"] = (
+            f"{np.median(got):.2f} ({len(got)}/{len(reached)} reached)" if got else f"not reached (0/{len(reached)})")
+        row["peak RSS MB (process)"] = round(float(sub["cost.peak_memory_mb"].median()))
+        row["saved model MB"] = round(float(sub["cost.checkpoint_mb"].median()), 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def time_to_reach(run_dir: str, full_dir: str) -> float | None:
+    """Seconds (from the start of the command) until this run's validation score first reached full finetuning's
+    best, as a ratio to the time full finetuning took to reach it; None if it never did."""
+    run, full = read_record(Path(run_dir)), read_record(Path(full_dir))
+    key = full.headline_metric
+    hist_full = [h for h in full.history or [] if h.get("seconds") is not None]
+    hist = [h for h in run.history or [] if h.get("seconds") is not None]
+    if not hist_full or not hist:
+        return None
+    best = max(hist_full, key=lambda h: h[key])
+    first = next((h for h in hist if h[key] >= best[key]), None)
+    return None if first is None else first["seconds"] / best["seconds"]
+
+
+def ablation_table(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    cells = df.groupby(["budget", "selector", "task"])["test"].apply(over_seeds).unstack("task")
+    return cells.reindex(columns=[t for t in tasks if t in cells.columns]).fillna("").reset_index()
+
+
+def token_case_study(plan: Plan, per_class: int = 3, classes: int = 6, top: int = 10) -> str:
+    """Per task: the top token groups overall and for a few classes, as the seed-0 sparse run saved them
+    (token_groups.json), or mined the same way where that file is not kept (committed records hold only
+    metrics.json)."""
+    lines = ["# Token groups per task", "",
+             "Mined from each task's training sample exactly as `method=sparse` does (`sparsetune tokens task=NAME` "
+             "prints the full report).", ""]
+    for task in plan.tasks:
+        rep = saved_token_groups(plan, task) or mine_token_groups(plan, task)
+        lines += [f"## {task}", "", "Top groups: " + ", ".join(f"'{e['group']}' ({e['class']})"
+                                                                for e in rep["groups"][:top]), "",
+                  "| class | top groups (z-score) |", "|---|---|"]
+        for name, entries in list(rep["per_class"].items())[:classes]:
+            lines.append(f"| {name} | " + ", ".join(f"{e['group']} ({e['score']:.1f})" for e in entries[:per_class])
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def saved_token_groups(plan: Plan, task: str) -> dict | None:
+    for r in plan.records(task, "sparse"):
+        path = Path(r.run_dir) / "token_groups.json"
+        if r.seed == 0 and path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def mine_token_groups(plan: Plan, task: str) -> dict:
+    from .config import compose
+    from .tokens import token_report
+    return token_report(compose([f"experiment={plan.experiment}", f"task={task}", "method=sparse",
+                                 *[o for o in plan.overrides if not o.startswith("hydra")]]))
+
+
+def plots(df: pd.DataFrame, cost: pd.DataFrame, tasks: list[str], methods: list[str], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = df.groupby(["method", "task"])["test"].mean().unstack("task")
+    complete = means.dropna()   # the average over tasks only for methods with every task
+    avg = complete.mean(axis=1)
+    cost = cost.set_index("method")
+    written = []
+    for x_key, fname, xlabel, logx in (
+            ("trainable params", "metric_vs_params.png", "trainable parameters (with head, log scale)", True),
+            ("train time ÷ full", "metric_vs_time.png", "training time ÷ full finetuning", False)):
+        if x_key not in cost or avg.empty:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for m in avg.index:
+            ax.scatter(cost.loc[m, x_key], avg[m], s=50, color="C3" if m == "sparse" else "C0")
+            ax.annotate(m, (cost.loc[m, x_key], avg[m]), textcoords="offset points", xytext=(5, 4), fontsize=9)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"test headline metric, mean over {complete.shape[1]} tasks")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        written.append(out / fname)
+
+    present = [t for t in tasks if t in set(df.task)]
+    if present:
+        fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3.6), squeeze=False, sharey=False)
+        order = [m for m in methods if m in set(df.method)]
+        for ax, task in zip(axes[0], present):
+            for i, m in enumerate(order):
+                vals = df[(df.task == task) & (df.method == m)]["test"]
+                ax.scatter([i] * len(vals), vals, s=14, color="C3" if m == "sparse" else "C0", alpha=0.8)
+                if len(vals):
+                    ax.hlines(vals.mean(), i - 0.3, i + 0.3, color="k", lw=1)
+            ax.set_xticks(range(len(order)), order, rotation=60, fontsize=8)
+            ax.set_title(task, fontsize=10)
+            ax.grid(alpha=0.3, axis="y")
+        axes[0][0].set_ylabel("test headline metric per seed")
+        fig.tight_layout()
+        fig.savefig(out / "seed_spread.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "seed_spread.png")
+    return written
+
+
+def write_tables(plan: Plan, ablation: Plan | None, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    chosen, missing = lr_choices(plan)
+    records = main_records(plan)
+    if not records:
+        raise UserError(f"no completed runs of experiment={plan.experiment} under {plan.runs}: "
+                        "run `sparsetune paper` (or --stage grid) first")
+    df = frame(records)
+    written = []
+
+    def save(name: str, table: pd.DataFrame, title: str, note: str = "", index: bool = True) -> None:
+        table.to_csv(out / f"{name}.csv", index=index)
+        (out / f"{name}.md").write_text(f"# {title}\n\n{note}\n\n{table.to_markdown(index=index)}\n")
+        written.extend([out / f"{name}.md", out / f"{name}.csv"])
+
+    cells, _ = main_table(df, plan.tasks, plan.methods)
+    status = (f"Grid not finished for: {', '.join(missing)}." if missing else "Every grid cell is finished.")
+    save("main", cells, f"Test headline metric, experiment={plan.experiment} ({plan.backbone})",
+         f"Mean ± std over seeds (n = seeds finished), each method at its learning rate chosen on validation "
+         f"(seed 0) from its lr_grid; see lr_grid.md. Headline: accuracy, F1 of the match class for "
+         f"entity_matching. {status}")
+    grid = lr_table(plan, chosen)
+    save("lr_grid", grid, "Learning-rate grid (seed 0)",
+         "validation and test headline metric per grid point; `chosen` is the best validation score, "
+         "`edge` marks the ends of the grid searched. A grid is widened one lr step at a time past an end "
+         "that scores strictly best, up to --lr-extend steps per side.", index=False)
+    cost = cost_table(df, plan.methods)
+    save("cost", cost, "Cost (ratios to full finetuning on the same task, seed and train.threads, averaged)",
+         "Times are wall-clock on this machine. `whole run` covers loading, token mining, probe, training and "
+         "evaluation; `time to full's best validation` is when a run first matched full finetuning's best "
+         "validation score, counted from the start of the command. Peak RSS is the whole process (on the CPU "
+         "model loading dominates it; scripts/bench.py measures training memory alone).", index=False)
+    if ablation is not None:
+        abl = [r for task in ablation.tasks for r in ablation.records(task, "sparse")]
+        if abl:
+            save("ablation", ablation_table(frame(abl), ablation.tasks),
+                 f"Sparse ablation, experiment={ablation.experiment}: test headline metric",
+                 "Rows: how many rows train (budget, fraction of backbone parameters) and which (selector: token "
+                 "= token-driven gradient, the default).", index=False)
+    (out / "tokens.md").write_text(token_case_study(plan))
+    written.append(out / "tokens.md")
+    written += plots(df, cost, plan.tasks, plan.methods, out)
+    return written
+
+

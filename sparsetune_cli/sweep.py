@@ -1,0 +1,181 @@
+"""Sweeps: run an experiment's grid fairly, each method at its own learning rate (`sparsetune paper`).
+
+Stages (each resumable: completed runs are skipped, interrupted ones resume):
+  grid      every task x method at seed 0, once per learning rate in the method's lr_grid
+  seeds     every task x method at the lr that won on validation in the grid, for all seeds
+  ablation  the sparse ablation sweep, at sparse's chosen lr for each task
+The tables stage is report.py's.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from .config import compose
+from .errors import UserError
+from .record import RunRecord, collect
+
+log = logging.getLogger(__name__)
+STAGES = ("grid", "seeds", "ablation", "tables")   # tables: report.write_tables
+
+
+def fmt_lr(lr: float) -> str:
+    """One spelling of a learning rate, so the grid and seeds stages name the same run folders."""
+    return f"{float(lr):g}"
+
+
+class Plan:
+    """What an experiment config sweeps, and where its runs live."""
+
+    def __init__(self, experiment: str, overrides: list[str], lr_extend: int = 2):
+        cfg = compose([f"experiment={experiment}", *overrides], hydra=True)
+        allowed = set(cfg.hydra.job.config.override_dirname.exclude_keys) - {"task", "method", "seed"}
+        for o in overrides:
+            key = o.split("=", 1)[0].lstrip("+~")
+            if not (key.startswith("hydra") or key in allowed):
+                raise UserError(f"'{o}' would change the runs of experiment={experiment}; put it in an "
+                                f"experiment config (configs/experiment/) instead. Allowed here: hydra options, "
+                                f"{', '.join(sorted(allowed))}")
+        self.experiment, self.overrides, self.lr_extend = experiment, overrides, lr_extend
+        params = {k: [v.strip() for v in str(val).split(",")] for k, val in cfg.hydra.sweeper.params.items()}
+        self.tasks, self.seeds, self.methods = params["task"], params["seed"], params.get("method", ["sparse"])
+        self.backbone = cfg.backbone.name
+        self.runs = Path(cfg.output_root) / "runs"
+
+    def records(self, task: str, method: str, extra: str | None = None) -> list[RunRecord]:
+        """Completed runs of this experiment; `extra` keeps only one lr, e.g. 'method.lr=0.001'."""
+        prefix = f"experiment={self.experiment},"
+        return [r for r in collect([self.runs / task / self.backbone / method])
+                if r.variant.startswith(prefix) and (extra is None or extra in r.variant.split(","))]
+
+
+def launch(overrides: list[str]) -> None:
+    """One Hydra multirun in a child process. Ctrl-C or SIGTERM reach the child, which checkpoints and stops;
+    we wait for it, then stop too, so the same command resumes."""
+    cmd = [sys.executable, "-m", "sparsetune_cli.cli", "run", "-m", *overrides]
+    log.info("sparsetune run -m %s", " ".join(overrides))
+    proc = subprocess.Popen(cmd)
+    stopped = []   # set on a signal: stop after this child even if it then exits 0 (it was only skipping runs)
+
+    def on_sigterm(signum, frame):
+        stopped.append(signum)
+        proc.send_signal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:  # the child got the same SIGINT and is saving a checkpoint
+                stopped.append(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped or rc in (130, -signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGTERM):
+        raise KeyboardInterrupt
+    if rc != 0:
+        raise UserError(f"the sweep stopped with exit code {rc}: sparsetune run -m {' '.join(overrides)}")
+
+
+def lr_grid(method: str) -> list[float]:
+    return [float(v) for v in compose([f"method={method}"]).method.lr_grid]
+
+
+def lr_step(lr: float, up: bool) -> float:
+    """The next learning rate along the 1-3-10 series that the lr grids use (1e-3 -> 3e-3 -> 1e-2)."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    mantissa = 1 if lr / 10 ** exp < 2 else 3
+    factor = {(1, True): 3, (3, True): 10, (1, False): 0.3, (3, False): 1}[mantissa, up]
+    return float(f"{factor * 10 ** exp:.3g}")
+
+
+def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, RunRecord], list[float]]:
+    """The seed-0 runs of one (task, method) grid, by lr, and the lrs still to run. The grid is the method's
+    lr_grid, widened by up to `extend` steps past an end while the end is strictly the best point: a best
+    score at the edge means a wider grid may do better. Ties stay put, so a method that learns nothing at
+    any lr does not walk off."""
+    grid = sorted(lr_grid(method))
+    runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method) if r.seed == 0}
+    missing = [lr for lr in grid if fmt_lr(lr) not in runs]
+    if missing:
+        return {}, missing
+    steps = {True: 0, False: 0}
+    while True:
+        scores = {lr: runs[fmt_lr(lr)].headline() for lr in grid}
+        best = max(scores.values())
+        for up, end, inner in ((True, grid[-1], grid[-2]), (False, grid[0], grid[1])):
+            if len(grid) > 1 and scores[end] == best > scores[inner] and steps[up] < extend:
+                nxt = lr_step(end, up)
+                if fmt_lr(nxt) not in runs:
+                    return {}, [nxt]
+                grid = sorted([*grid, nxt])
+                steps[up] += 1
+                break   # widened: look at both ends again
+        else:   # neither end needs widening
+            return {fmt_lr(lr): runs[fmt_lr(lr)] for lr in grid}, []
+
+
+def lr_choices(plan: Plan, methods: list[str] | None = None) -> tuple[dict[tuple[str, str], float], list[str]]:
+    """(task, method) -> the lr with the best seed-0 validation score on its (widened) grid (ties: the
+    smaller lr), and the (task, method) cells whose grid is not finished yet."""
+    chosen, missing = {}, []
+    for task in plan.tasks:
+        for method in methods or plan.methods:
+            runs, todo = lr_cell(plan, task, method, plan.lr_extend)
+            if todo:
+                missing.append(f"{task}/{method} (lr {', '.join(fmt_lr(lr) for lr in todo)} to run)")
+                continue
+            best = max(runs.values(), key=lambda r: (r.headline(), -r.config["method"]["lr"]))
+            chosen[task, method] = best.config["method"]["lr"]
+    return chosen, missing
+
+
+def run_grid(plan: Plan) -> None:
+    for task in plan.tasks:  # task by task, so that finished tasks can be tabulated early
+        for method in plan.methods:
+            tried: set[str] = set()
+            while True:   # the method's lr_grid, then one step at a time past an edge that is still the best
+                _, todo = lr_cell(plan, task, method, plan.lr_extend)
+                lrs = ",".join(fmt_lr(lr) for lr in todo)
+                if not todo or lrs in tried:   # done, or that run failed: the seeds stage reports it
+                    break
+                tried.add(lrs)
+                launch([f"experiment={plan.experiment}", f"task={task}", f"method={method}", f"method.lr={lrs}",
+                        "seed=0", *plan.overrides])
+
+
+def run_seeds(plan: Plan) -> None:
+    """Every seed at the chosen lr, for each (task, method) whose grid is finished; one multirun per
+    (method, lr) with every task that chose it."""
+    chosen, missing = lr_choices(plan)
+    by_lr: dict[tuple[str, float], list[str]] = defaultdict(list)
+    for (task, method), lr in chosen.items():
+        by_lr[method, lr].append(task)
+    for (method, lr), tasks in by_lr.items():
+        launch([f"experiment={plan.experiment}", f"task={','.join(tasks)}", f"method={method}",
+                f"method.lr={fmt_lr(lr)}", f"seed={','.join(plan.seeds)}", *plan.overrides])
+    if missing:
+        raise UserError(f"no lr chosen yet for {', '.join(missing)} (grid runs missing or failed; see their "
+                        "metrics.json): rerun `sparsetune paper` to retry them")
+
+
+def run_ablation(plan: Plan, ablation: Plan) -> None:
+    chosen, _ = lr_choices(plan, ["sparse"])
+    for task in ablation.tasks:
+        if (task, "sparse") not in chosen:
+            raise UserError(f"sparse has no chosen lr for {task} in experiment={plan.experiment} (its grid is "
+                            "missing or unfinished), so the ablation cannot run there")
+        launch([f"experiment={ablation.experiment}", f"task={task}", f"method.lr={fmt_lr(chosen[task, 'sparse'])}",
+                *ablation.overrides])
+
+
+def main_records(plan: Plan) -> list[RunRecord]:
+    """Every seed of every (task, method) at its chosen lr, for the cells whose grid is finished."""
+    chosen, _ = lr_choices(plan)
+    return [r for (task, method), lr in chosen.items() for r in plan.records(task, method, f"method.lr={fmt_lr(lr)}")]
+
+
