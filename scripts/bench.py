@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from sparsetune_cli import bottom_cache  # noqa: E402
 from sparsetune_cli.config import compose  # noqa: E402
 from sparsetune_cli.data import load_task, tokenize  # noqa: E402
 from sparsetune_cli.methods import METHODS, count_params, get_method  # noqa: E402
@@ -37,8 +38,12 @@ from sparsetune_cli.models import load_model, load_tokenizer  # noqa: E402
 from sparsetune_cli.train import method_context, prepare_model  # noqa: E402
 
 TRAIN_METHODS = ["full"] + sorted(m for m in METHODS if m != "full")   # every registered method, full first
-# Rows that are a method with other settings: name -> (method, config overrides)
-VARIANTS = {"sparse_frozen_dropout": ("sparse", ["train.frozen_dropout=true"]),
+# Rows that are a method with other settings: name -> (method, config overrides). A name ending in _cached trains
+# from the frozen-bottom cache (train.cache_bottom): its batches carry the bottom's output, computed beforehand.
+VARIANTS = {"sparse_cached": ("sparse", []),
+            "layer_select_cached": ("layer_select", ["train.frozen_dropout=false"]),
+            "head_only_cached": ("head_only", ["train.frozen_dropout=false"]),
+            "sparse_frozen_dropout": ("sparse", ["train.frozen_dropout=true"]),
             "head_only_no_frozen_dropout": ("head_only", ["train.frozen_dropout=false"])}
 
 
@@ -70,6 +75,8 @@ def build(args, name: str):
     model = load_model(cfg.backbone, len(data.labels), tok, seed=0)
     method = get_method(cfg.method)
     model = prepare_model(cfg, method, model, method_context(cfg, data, ds, tok)).to(args.device)
+    if name.endswith("_cached"):
+        batches = cached_batches(cfg, model, tok, ds, args)
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.method.lr, weight_decay=cfg.train.weight_decay,
@@ -91,6 +98,22 @@ def now() -> float:
     if SETTINGS["device"] == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+class NotApplicable(Exception):
+    """A variant that does not apply to this backbone (e.g. a cache where every block trains)."""
+
+
+def cached_batches(cfg, model, tok, ds, args) -> list[dict]:
+    """The same fixed batches, each with its rows' frozen-bottom output from a cache built here (not timed)."""
+    import tempfile
+    rows = ds["train"].select(range(args.batch_size * args.batches))
+    pad = lambda feats: tok.pad(feats, padding="max_length", max_length=args.seq_len, return_tensors="pt")  # noqa: E731
+    _, collate, info = bottom_cache.attach(cfg, model, tok, rows, pad, Path(tempfile.mkdtemp(prefix="bench-cache-")))
+    if not info["used"]:
+        raise NotApplicable(info["reason"])
+    return [collate([dict(rows[i], cache_index=i) for i in range(b * args.batch_size, (b + 1) * args.batch_size)])
+            for b in range(args.batches)]
 
 
 def train_step(model, opt, batch) -> tuple[float, float, float]:
@@ -237,7 +260,13 @@ def main():
     methods = args.methods.split(",") if args.methods else TRAIN_METHODS + ([] if args.quick else list(VARIANTS))
     assert "full" in methods, "ratios are to full finetuning: keep it in --methods"
 
-    built = {m: build(args, m) for m in methods}
+    built = {}
+    for m in methods:
+        try:
+            built[m] = build(args, m)
+        except NotApplicable as e:
+            print(f"{m}: left out ({e})", file=sys.stderr)
+    methods = list(built)
     batches = built["full"][3]
     jobs = {m: (lambda b, m=m: train_step(built[m][0], built[m][2], b)) for m in methods}
     jobs["forward_only"] = lambda b: forward_only(built["full"][0], b)
@@ -312,7 +341,9 @@ def markdown(result, argv: str) -> str:
         opt = f"{r['optimizer_state_bytes'] / 2**20:.2f}" if "optimizer_state_bytes" in r else "-"
         tp = f"{r['trainable_params']:,} ({r['trainable_params_without_head']:,})" if "trainable_params" in r else "-"
         lines.append(f"| {m} | {r['step_seconds']:.3f} | {r['step_ratio']:.2f} | {mem} | {opt} | {tp} |")
-    variants = [f"`{v}` is {m} with {' '.join(o)}" for v, (m, o) in VARIANTS.items() if v in result["train"]]
+    variants = [f"`{v}` is {m}" + (f" with {' '.join(o)}" if o else "")
+                + (" trained from the frozen-bottom cache" if v.endswith("_cached") else "")
+                for v, (m, o) in VARIANTS.items() if v in result["train"]]
     if variants:
         lines += ["", "Variants: " + "; ".join(variants) + ". train.frozen_dropout=false means no dropout in the "
                   "frozen embeddings and the blocks below the lowest trainable one (sparse's default). "

@@ -80,6 +80,7 @@ class TrainSchema:
     max_grad_norm: float = MISSING
     frozen_dropout: bool = MISSING
     deterministic: bool = False
+    cache_bottom: bool = True
     eval_every: Any = MISSING          # 'epoch' or an int: checked with the ranges
     logging_steps: int = MISSING
     progress: bool = MISSING

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import SequentialSampler
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
+from . import bottom_cache
 from .callbacks import CsvLogger, EvalClock, ReseedEachStep, StopOnNonFiniteLoss, StopOnSignal
 from .config import LOGGERS, resolve_precision, validate_config
 from .data import load_task, longest_first, tokenize, tokenized_cache_dir
@@ -37,12 +38,7 @@ def run(cfg, run_dir: Path) -> RunRecord:
     main = is_main_process()
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir) if main else _no_lock():
-        loaded = []   # the data, when the completed-run check had to read it
-
-        def fingerprint() -> str:
-            loaded.append(load_task(cfg.task, cfg.data_dir, cfg.seed))
-            return loaded[0].fingerprint
-        done = completed_run(cfg, run_dir, fingerprint)
+        done = completed_run(cfg, run_dir, lambda: load_task(cfg.task, cfg.data_dir, cfg.seed).fingerprint)
         if done:
             return done
         previous = read_record(run_dir)
@@ -60,10 +56,10 @@ def run(cfg, run_dir: Path) -> RunRecord:
             if main:
                 rec.write(run_dir)
 
-        stop = StopOnSignal()
+        start, stop = time.perf_counter(), StopOnSignal()
         try:
-            data = loaded[0] if loaded else load_task(cfg.task, cfg.data_dir, cfg.seed)
-            record = _train_and_evaluate(cfg, run_dir, data, method, record, stop, previous, main)
+            data = load_task(cfg.task, cfg.data_dir, cfg.seed)
+            record = _train_and_evaluate(cfg, run_dir, data, method, record, start, stop, previous, main)
         except Exception as e:
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 e = UserError(f"out of GPU memory: lower train.batch_size (now {cfg.train.batch_size}, raise "
@@ -84,9 +80,8 @@ def run(cfg, run_dir: Path) -> RunRecord:
         return record
 
 
-def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, stop: StopOnSignal,
+def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, start: float, stop: StopOnSignal,
                         previous: RunRecord | None, main: bool = True) -> RunRecord:
-    start = time.perf_counter()
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.backbone)
     datasets, truncated = tokenize(data, tokenizer, cfg.task.max_length, tokenized_cache_dir())
@@ -103,6 +98,9 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sto
     t0 = time.perf_counter()
     model = prepare_model(cfg, method, model, context)
     prepare_seconds = time.perf_counter() - t0
+    # the frozen bottom's output computed once (or read back) where it applies; the rest of the run is the same
+    train_set, collator, cache = bottom_cache.attach(cfg, model, tokenizer, datasets["train"], context.collator,
+                                                     bottom_cache.cache_root())
 
     positive = data.labels.index(str(cfg.task.positive_label)) if cfg.task.get("positive_label") is not None else None
     headline = cfg.task.headline_metric
@@ -120,7 +118,7 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sto
     if cfg.train.logger == "csv":
         callbacks.append(CsvLogger(run_dir / LOG_FILE))
     trainer = SparsetuneTrainer(model=model, args=training_arguments(cfg, run_dir, headline),
-                                data_collator=context.collator, train_dataset=datasets["train"],
+                                data_collator=collator, train_dataset=train_set,
                                 eval_dataset=datasets["validation"], processing_class=tokenizer,
                                 compute_metrics=compute_metrics, callbacks=callbacks, compute_loss_func=loss_func)
     resume = last_good_checkpoint(run_dir / CHECKPOINTS)
@@ -135,7 +133,8 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sto
     record.cost = {"train_seconds": seconds + earlier.get("train_seconds", 0.0),
                    "seconds_per_step": seconds / max(1, steps - start_step), "steps": steps,
                    "prepare_seconds": prepare_seconds + earlier.get("prepare_seconds", 0.0),
-                   **count_params(model), **method.cost_extra()}
+                   "cached_blocks": cache.get("blocks", 0), "cache_built": cache.get("built", False),
+                   "cache_seconds": cache.get("seconds", 0.0), **count_params(model), **method.cost_extra()}
     if nan_guard.reason:
         raise FloatingPointError(nan_guard.reason)
     if stop.signal is not None:
@@ -210,6 +209,7 @@ def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
         logging_steps=t.logging_steps, logging_first_step=True, report_to=LOGGERS[t.logger],
         disable_tqdm=not t.progress, seed=cfg.seed, data_seed=cfg.seed, full_determinism=bool(t.deterministic),
         dataloader_num_workers=t.num_workers, label_names=["labels"],
+        remove_unused_columns=False,   # the datasets hold only model inputs, plus the frozen-bottom cache's row index
         logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
     )
 
