@@ -59,7 +59,6 @@ def _hydra_run(args: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .data import fingerprint_of
     from .record import completed_run
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -71,7 +70,7 @@ def _hydra_run(args: list[str]) -> None:
         try:
             validate_config(cfg)
             # before importing torch: a resumed sweep skips in seconds
-            record = completed_run(cfg, run_dir, fingerprint_of(cfg))
+            record = completed_run(cfg, run_dir, lambda: data_fingerprint(cfg))
             if record is None:
                 from .train import run
                 record = run(cfg, run_dir)
@@ -91,6 +90,11 @@ def _hydra_run(args: list[str]) -> None:
 
     sys.argv = ["sparsetune run"] + args
     app()
+
+
+def data_fingerprint(cfg) -> str:
+    from .data import load_task
+    return load_task(cfg.task, cfg.data_dir, cfg.seed).fingerprint
 
 
 def visible_gpus() -> list[str]:

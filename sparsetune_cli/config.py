@@ -196,6 +196,12 @@ def validate_config(cfg) -> None:
     for ok, key, value, allowed in checks:
         if not ok:
             raise UserError(f"{key}={value} is out of range: allowed {allowed}")
+
+
+def validate_precision(cfg) -> None:
+    """The precision and dtype settings against this machine (imports torch, so a sweep skipping finished runs
+    checks them only when a run starts)."""
+    t, bb = cfg.train, cfg.backbone
     cuda, precision = resolve_precision(t)
     if precision == "fp16" and not cuda:
         raise UserError("train.precision=fp16 needs a CUDA GPU (on the CPU it would silently run in fp32, with no "

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, load_from_disk
 
 from .errors import UserError
 from .formats import encode, row_formatter
@@ -40,11 +39,6 @@ class TaskData:
             for r in self.splits[split]:
                 h.update(json.dumps([r["text"], r["text_pair"], r["label"]]).encode())
         return h.hexdigest()
-
-
-def fingerprint_of(cfg):
-    """The fingerprint of the data a config reads, computed only when called (a completed run's check)."""
-    return lambda: load_task(cfg.task, cfg.data_dir, cfg.seed).fingerprint
 
 
 def candidate_data_dirs(data_dir: str | None) -> list[Path]:
@@ -221,6 +215,7 @@ def tokenize(data: TaskData, tokenizer, max_length: int,
     """Tokenized datasets per split (dynamic padding happens in the collator) and truncation counts. With a
     cache_dir they are saved there under a hash of the rows, labels, tokenizer and max_length, so the runs of
     a sweep tokenize each task once."""
+    from datasets import Dataset, load_from_disk   # imported here: reading and fingerprinting data need no arrow
     key = tokenized_key(data, tokenizer, max_length) if cache_dir is not None else None
     folder = Path(cache_dir) / key if key else None
     if folder is not None and (folder / "truncated.json").exists():

@@ -19,7 +19,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from . import bottom_cache
 from .callbacks import CsvLogger, EvalClock, ReseedEachStep, StopOnNonFiniteLoss, StopOnSignal
-from .config import LOGGERS, resolve_precision, validate_config
+from .config import LOGGERS, resolve_precision, validate_config, validate_precision
 from .data import load_task, longest_first, tokenize, tokenized_cache_dir
 from .errors import UserError
 from .methods import MethodContext, count_params, get_method
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 def run(cfg, run_dir: Path) -> RunRecord:
     """Train, evaluate and record one run in run_dir. Skips a completed run; resumes an interrupted one."""
     validate_config(cfg)
+    validate_precision(cfg)
     method = get_method(cfg.method)   # the method's own options, checked before anything is loaded
     main = is_main_process()
     run_dir.mkdir(parents=True, exist_ok=True)

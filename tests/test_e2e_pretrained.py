@@ -63,3 +63,21 @@ def test_smollm2_from_gguf_is_a_trainable_classifier():
     out = model(**batch, labels=torch.tensor([0, 2]))
     out.loss.backward()
     assert out.logits.shape == (2, 3) and model.score.weight.grad is not None
+
+
+def test_minilm_sparse_run_gives_the_same_metrics_with_and_without_the_frozen_bottom_cache(tmp_path, data_dir,
+                                                                                             monkeypatch):
+    from sparsetune_cli import bottom_cache
+    from sparsetune_cli.train import run
+    monkeypatch.setattr(bottom_cache, "cache_root", lambda: tmp_path / "cache")
+    records = {}
+    for cached in (True, False):
+        cfg = compose(["task=intent", "method=sparse", f"data_dir={data_dir}", f"output_root={tmp_path}",
+                       "task.train_limit=1000", "task.eval_limit=300", "train.epochs=1", "train.progress=false",
+                       f"train.cache_bottom={cached}"])
+        records[cached] = run(cfg, tmp_path / str(cached)).to_dict()
+    assert records[True]["cost"]["cached_blocks"] == 4 and records[False]["cost"]["cached_blocks"] == 0
+    for split in ("validation", "test"):   # the same predictions; the loss to float rounding of the batching
+        on, off = records[True]["metrics"][split], records[False]["metrics"][split]
+        assert {k: v for k, v in on.items() if k != "loss"} == {k: v for k, v in off.items() if k != "loss"}
+        assert on["loss"] == pytest.approx(off["loss"], rel=1e-4)

@@ -112,9 +112,11 @@ def test_bf16_backbone_trains_fp32_deltas_and_adapters(method, backbone, data_di
 ])
 def test_precision_settings_that_cannot_work_are_refused_in_one_line(overrides, match):
     from conftest import compose
-    from sparsetune_cli.config import validate_config
+    from sparsetune_cli.config import validate_config, validate_precision
+    cfg = compose(["backbone=tiny-encoder", *overrides])
     with pytest.raises(UserError, match=match):
-        validate_config(compose(["backbone=tiny-encoder", *overrides]))
+        validate_config(cfg)      # types and ranges: before a sweep skips a finished run
+        validate_precision(cfg)   # against this machine: when a run starts
 
 
 def test_deterministic_switch_repeats_a_run_and_is_undone_after_it(data_dir, tmp_path):

@@ -259,3 +259,15 @@ def test_paper_pipeline_end_to_end(tmp_path, data_dir):
     assert cost.loc["sparse", "trainable params"] < cost.loc["full", "trainable params"]
     assert "how many" in (out / "tokens.md").read_text()   # trec's NUM:count cue
     assert len(pd.read_csv(out / "ablation.csv")) == 4      # 2 selectors x 2 budgets
+
+
+def test_a_finished_run_is_skipped_without_importing_torch(tmp_path, data_dir):
+    """A restarted sweep checks each finished run (config, data fingerprint) in a fraction of a second."""
+    args = ["run", "method=head_only", *TINY_JOB, f"output_root={tmp_path}",
+            f"data_dir={data_dir}"]
+    assert sparsetune(*args).returncode == 0
+    code = ("import sys\nfrom sparsetune_cli.cli import main\nmain(sys.argv[1:])\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "already completed" in proc.stderr + proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "no torch"
