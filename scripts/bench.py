@@ -151,16 +151,16 @@ def optimizer_state_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
-def interleaved(jobs: dict, steps: int, warmup: int, batches, phases: dict | None = None) -> dict[str, float]:
-    """Median seconds per call of each job, one call of every job per round. Jobs that return a tuple of
-    phase times (train_step) also get the median of each phase in `phases`."""
+def interleaved(jobs: dict, steps: int, warmup: int, n_batches: int, phases: dict | None = None) -> dict[str, float]:
+    """Median seconds per call of each job, one call of every job per round; round r gives every job its own
+    batch number r % n_batches (the same rows for all; a cached variant's batch also carries their cached
+    bottom). Jobs that return a tuple of phase times (train_step) also get the median of each phase in `phases`."""
     times = {k: [] for k in jobs}
     parts: dict[str, list] = {k: [] for k in jobs}
     for r in range(warmup + steps):
-        batch = batches[r % len(batches)]
         for name, fn in jobs.items():
             t0 = now()
-            out = fn(batch)
+            out = fn(r % n_batches)
             t = now() - t0
             if r >= warmup:
                 times[name].append(t)
@@ -268,10 +268,10 @@ def main():
             print(f"{m}: left out ({e})", file=sys.stderr)
     methods = list(built)
     batches = built["full"][3]
-    jobs = {m: (lambda b, m=m: train_step(built[m][0], built[m][2], b)) for m in methods}
-    jobs["forward_only"] = lambda b: forward_only(built["full"][0], b)
+    jobs = {m: (lambda i, m=m: train_step(built[m][0], built[m][2], built[m][3][i])) for m in methods}
+    jobs["forward_only"] = lambda i: forward_only(built["full"][0], batches[i])
     phases: dict[str, list[float]] = {}
-    step = interleaved(jobs, args.steps, args.warmup, batches, phases)
+    step = interleaved(jobs, args.steps, args.warmup, len(batches), phases)
 
     rows = {}
     for m in methods:
@@ -298,8 +298,8 @@ def main():
     if "prefix" in built:
         infer_models["prefix"] = built["prefix"][0]
     # One interleaved pass for all, so every ratio to base compares rounds run under the same load
-    inf = interleaved({k: (lambda b, m=m: infer(m, b)) for k, m in infer_models.items()},
-                      args.steps, args.warmup, batches)
+    inf = interleaved({k: (lambda i, m=m: infer(m, batches[i])) for k, m in infer_models.items()},
+                      args.steps, args.warmup, len(batches))
     throughput = {k: args.batch_size / v for k, v in inf.items()}
 
     full = rows["full"]

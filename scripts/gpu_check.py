@@ -2,7 +2,8 @@
 
 Cases (each a real `sparsetune run` in its own process, on real data):
   bf16/<method>        every method, ~30 steps under bf16 autocast (what train.precision=auto picks on a
-                       bf16-capable GPU); peak memory is torch.cuda.max_memory_allocated of that process
+                       bf16-capable GPU); peak memory is torch.cuda.max_memory_allocated of that process;
+                       bf16/sparse trains from the frozen-bottom cache (MiniLM: 4 of 6 blocks cached)
   fp16/sparse, fp16/full   fp16 autocast with the GradScaler
   smollm2/sparse       the Llama-family decoder on train.device=cuda; smollm2/sparse-bf16-backbone with
                        backbone.dtype=bf16 (frozen weights bf16, deltas fp32)
@@ -15,7 +16,7 @@ Without CUDA it prints "no CUDA device: nothing checked" and exits 0 without wri
 pass). --allow-cpu runs the same cases on the CPU (fp16 cases skipped): how the tests check this script.
 
     python scripts/gpu_check.py
-    # on a machine with no network, from the bundle `make gpu-bundle` writes (README "Sweeps, clusters and GPUs"):
+    # on a machine with no network, from the bundle `make gpu-bundle` writes (README "Sweeps, clusters and the paper tables", GPUs):
     python scripts/gpu_check.py --data-dir .gpu_bundle/data --minilm .gpu_bundle/minilm-bf16 \\
         --smollm .gpu_bundle/smollm2
 """

@@ -13,7 +13,7 @@ from .formats import encode, parse_input
 from .methods import get_method
 from .methods.base import WEIGHTS
 from .models import backbone_dtype, load_model, load_tokenizer
-from .record import CONFIG_FILE, LABELS_FILE, MODEL_DIR, read_record, file_sha256
+from .record import CONFIG_FILE, LABELS_FILE, MODEL_DIR, file_sha256, read_record
 
 
 @dataclass

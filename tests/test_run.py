@@ -177,11 +177,12 @@ def test_group_by_length_sampling_pads_less_than_random_and_keeps_evaluation_lon
 def test_bench_quick_writes_every_method_as_a_ratio_to_full(tmp_path, data_dir):
     out = tmp_path / "bench"
     subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--backbone", "tiny-encoder", "--methods",
-                    "full,sparse,lora,prefix", "--out", str(out)], check=True, capture_output=True, timeout=300,
+                    "full,sparse,lora,prefix,head_only_cached", "--out", str(out)], check=True, capture_output=True, timeout=300,
                    cwd=Path(__file__).resolve().parents[1], env={**os.environ, "SPARSETUNE_DATA_DIR": str(data_dir)})
     result = json.loads(out.with_suffix(".json").read_text())
     train = result["train"]
-    assert set(train) == {"full", "sparse", "lora", "prefix", "forward_only"} and train["full"]["step_ratio"] == 1
+    assert set(train) == {"full", "sparse", "lora", "prefix", "head_only_cached", "forward_only"}
+    assert train["full"]["step_ratio"] == 1
     assert all(r["step_seconds"] > 0 and r["step_ratio"] > 0 for r in train.values())
     assert train["sparse"]["optimizer_state_bytes"] < train["full"]["optimizer_state_bytes"] / 10
     assert set(result["inference_ratio_to_base"]) == {"base", "sparse_merged", "lora_unmerged", "lora_merged",
