@@ -48,7 +48,8 @@ def main() -> None:
     p.add_argument("--task", default="banking77")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lrs", default="0.001,0.01,0.03", help="the sparse grid's other points (sparse's own lr runs first)")
+    p.add_argument("--lrs", default="0.001,0.01,0.03",
+                   help="the sparse grid's other points (sparse's own lr runs first)")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. task.train_limit=2000)")
     p.add_argument("--out", default=str(REPO / "results" / "bench_runs"))
     a = p.parse_args()

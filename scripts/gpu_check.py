@@ -16,7 +16,8 @@ Without CUDA it prints "no CUDA device: nothing checked" and exits 0 without wri
 pass). --allow-cpu runs the same cases on the CPU (fp16 cases skipped): how the tests check this script.
 
     python scripts/gpu_check.py
-    # on a machine with no network, from the bundle `make gpu-bundle` writes (README "Sweeps, clusters and the paper tables", GPUs):
+    # on a machine with no network, from the bundle that `make gpu-bundle` writes (README, "GPUs and mixed
+    # precision"):
     python scripts/gpu_check.py --data-dir .gpu_bundle/data --minilm .gpu_bundle/minilm-bf16 \\
         --smollm .gpu_bundle/smollm2
 """
@@ -98,7 +99,8 @@ class Check:
         folder = Path(a.smollm).resolve() if a.smollm else None
         if folder is None:
             return ["backbone=smollm2-135m"], "SmolLM2-135M (package GGUF)"
-        base = ["backbone=smollm2-135m", "backbone.package=null", "backbone.gguf_file=null", f"backbone.hub_id={folder}"]
+        base = ["backbone=smollm2-135m", "backbone.package=null", "backbone.gguf_file=null",
+                f"backbone.hub_id={folder}"]
         if any(folder.glob("*.safetensors")):
             return base, f"SmolLM2-135M from {a.smollm}"
         # Only the tokenizer and config travel (the weights exceed what fits): the same architecture, random weights.

@@ -250,7 +250,8 @@ def _stay_in_eval(module, args) -> None:
 
 def method_context(cfg, data, datasets, tokenizer, artifacts: Path | None = None) -> MethodContext:
     """What Method.prepare gets for a new run: the sparse method mines and probes from it."""
-    return MethodContext(rows=data.splits["train"], train=datasets["train"], collator=DataCollatorWithPadding(tokenizer),
+    return MethodContext(rows=data.splits["train"], train=datasets["train"],
+                         collator=DataCollatorWithPadding(tokenizer),
                          tokenizer=tokenizer, labels=data.labels, max_length=cfg.task.max_length,
                          batch_size=cfg.train.batch_size, seed=cfg.seed, artifacts=artifacts)
 
