@@ -164,7 +164,7 @@ class BottomCache:
         last = bottom[-1][1]
         for name, module in bottom:
             if module is last:
-                self._patch(module, lambda module, hidden, *a, **k: self._returning(hidden, self.current))
+                self._patch(module, lambda module, hidden, *a, **k: self.current.to(hidden.dtype))
             elif name in blocks:
                 self._patch(module, lambda module, hidden, *a, **k: hidden)   # the cached output replaces it anyway
             else:   # embeddings: only the shape matters to the code that follows
@@ -178,10 +178,6 @@ class BottomCache:
         def forward(mod, *args, **kwargs):
             return replacement(mod, *args, **kwargs) if self.current is not None else original(*args, **kwargs)
         module.forward = types.MethodType(forward, module)
-
-    @staticmethod
-    def _returning(hidden, cached):
-        return cached.to(hidden.dtype) if torch.is_tensor(hidden) else cached
 
     def _take(self, model, args, kwargs):
         self.current = kwargs.pop(KEY, None)
