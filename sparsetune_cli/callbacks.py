@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -107,8 +108,10 @@ class ReseedEachStep(TrainerCallback):
 class EvalClock(TrainerCallback):
     """Stamps each evaluation in the Trainer's log history with the seconds since the command started, counted
     across stops: a resumed run adds its time to what its checkpoint's history already held. The history is
-    saved in every checkpoint, so the stamps survive any stop, SIGKILL included."""
+    saved in every checkpoint, so the stamps survive any stop, SIGKILL included. It also stamps the machine's
+    1-minute load average, so a run's cost says how busy the CPU was (other jobs of a sweep, tests, ...)."""
     KEY = "elapsed_seconds"
+    LOAD_KEY = "load_1m"
 
     def __init__(self, start: float):
         self.start = start
@@ -122,3 +125,4 @@ class EvalClock(TrainerCallback):
         entry = next((e for e in reversed(state.log_history) if any(k.startswith("eval_") for k in e)), None)
         if entry is not None:
             entry[self.KEY] = self.offset + time.perf_counter() - self.start
+            entry[self.LOAD_KEY] = round(os.getloadavg()[0], 2)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CONFIG_DIR, compose, validate_config
+from .config import CONFIG_DIR, apply_task_overrides, compose, validate_config
 from .errors import UserError
 
 COMMANDS = ("run", "paper", "tokens", "table", "predict", "merge")
@@ -68,6 +68,7 @@ def _hydra_run(args: list[str]) -> None:
         if hc.mode.name == "MULTIRUN" and "joblib" in hc.launcher._target_.lower():
             pin_gpu(hc.job.num)
         try:
+            cfg = apply_task_overrides(cfg)
             validate_config(cfg)
             # before importing torch: a resumed sweep skips in seconds
             record = completed_run(cfg, run_dir, lambda: data_fingerprint(cfg))

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
@@ -61,7 +61,27 @@ def compose(overrides: list[str], hydra: bool = False) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+        return apply_task_overrides(hydra_compose(config_name="config", overrides=overrides,
+                                                  return_hydra_config=hydra))
+
+
+def apply_task_overrides(cfg: DictConfig) -> DictConfig:
+    """An experiment's `task_overrides: {TASK: {key: value}}` merged into cfg.task when TASK is the task chosen
+    (a plain `task.max_length` in an experiment would hit every task of its sweep). The mapping itself is then
+    dropped: a run records the values it used, and an entry for another task does not change this run's config."""
+    per_task = cfg.get("task_overrides")
+    if per_task is None:
+        return cfg
+    mine = per_task.get(cfg.task.name)
+    unknown = [k for k in (mine or {}) if k not in cfg.task]
+    if unknown:
+        raise UserError(f"task_overrides.{cfg.task.name}.{unknown[0]}: task {cfg.task.name} has no key "
+                        f"'{unknown[0]}' (its keys: {', '.join(cfg.task)})")
+    with open_dict(cfg):
+        if mine:
+            cfg.task = OmegaConf.merge(cfg.task, mine)
+        del cfg["task_overrides"]
+    return cfg
 
 
 # ---- types ------------------------------------------------------------------------------------------------
@@ -82,6 +102,7 @@ class TrainSchema:
     deterministic: bool = False
     cache_bottom: bool = True
     eval_every: Any = MISSING          # 'epoch' or an int: checked with the ranges
+    patience: Optional[int] = None
     logging_steps: int = MISSING
     progress: bool = MISSING
     keep_checkpoints: bool = MISSING
@@ -184,6 +205,7 @@ def validate_config(cfg) -> None:
                                      and t.eval_every > 0), "train.eval_every", t.eval_every,
          "'epoch' or a number of steps > 0"),
         (t.threads is None or t.threads >= 1, "train.threads", t.threads, "null or >= 1"),
+        (t.get("patience") is None or t.patience >= 1, "train.patience", t.get("patience"), "null (off) or >= 1"),
         (8 <= task.max_length <= bb.max_positions, "task.max_length", task.max_length,
          f"8..{bb.max_positions} for backbone {bb.name}"),
         (task.get("train_limit") is None or task.train_limit >= 2, "task.train_limit", task.get("train_limit"),

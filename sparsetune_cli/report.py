@@ -12,7 +12,7 @@ import pandas as pd
 
 from .errors import UserError
 from .record import RunRecord, mean_std, read_record
-from .sweep import Plan, fmt_lr, lr_cell, lr_choices, lr_grid, main_records
+from .sweep import Plan, fmt_lr, lr_cell, lr_choices, main_records
 
 
 def flatten(rec: RunRecord) -> dict:
@@ -89,7 +89,7 @@ def lr_table(plan: Plan, chosen: dict) -> pd.DataFrame:
         for method in plan.methods:
             runs, todo = lr_cell(plan, task, method, plan.lr_extend)
             if todo:   # unfinished: show what has run of the method's own grid
-                grid = {fmt_lr(lr) for lr in lr_grid(method)}
+                grid = {fmt_lr(lr) for lr in plan.lr_grid(method)}
                 runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method)
                         if r.seed == 0 and fmt_lr(r.config["method"]["lr"]) in grid}
             ends = {min(runs, key=float), max(runs, key=float)} if runs else set()

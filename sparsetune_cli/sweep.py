@@ -46,6 +46,11 @@ class Plan:
         self.tasks, self.seeds, self.methods = params["task"], params["seed"], params.get("method", ["sparse"])
         self.backbone = cfg.backbone.name
         self.runs = Path(cfg.output_root) / "runs"
+        # an experiment may search its own lr grid per method (lr_grids: {full: [...]}); else the method's lr_grid
+        self.lr_grids = {m: [float(v) for v in grid] for m, grid in (cfg.get("lr_grids") or {}).items()}
+
+    def lr_grid(self, method: str) -> list[float]:
+        return self.lr_grids.get(method) or lr_grid(method)
 
     def records(self, task: str, method: str, extra: str | None = None) -> list[RunRecord]:
         """Completed runs of this experiment; `extra` keeps only one lr, e.g. 'method.lr=0.001'."""
@@ -98,7 +103,7 @@ def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, 
     lr_grid, widened by up to `extend` steps past an end while the end is strictly the best point: a best
     score at the edge means a wider grid may do better. Ties stay put, so a method that learns nothing at
     any lr does not walk off."""
-    grid = sorted(lr_grid(method))
+    grid = sorted(plan.lr_grid(method))
     runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method) if r.seed == 0}
     missing = [lr for lr in grid if fmt_lr(lr) not in runs]
     if missing:

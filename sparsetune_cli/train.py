@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import SequentialSampler
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from . import bottom_cache
 from .callbacks import CsvLogger, EvalClock, ReseedEachStep, StopOnNonFiniteLoss, StopOnSignal
@@ -116,6 +116,8 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
         record.data["class_weight"] = dict(zip(data.labels, (round(w, 4) for w in weights.tolist())))
     nan_guard = StopOnNonFiniteLoss()
     callbacks = [stop, nan_guard, ReseedEachStep(cfg.seed), EvalClock(start)]
+    if cfg.train.get("patience"):   # its counter is saved in each checkpoint, so a resumed run stops where it would have
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.train.patience)))
     if cfg.train.logger == "csv":
         callbacks.append(CsvLogger(run_dir / LOG_FILE))
     trainer = SparsetuneTrainer(model=model, args=training_arguments(cfg, run_dir, headline),
@@ -145,6 +147,7 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
                            wall_seconds=time.perf_counter() - start + earlier.get("wall_seconds", 0.0))
         return record
 
+    trainer.remove_callback(EarlyStoppingCallback)   # the final test pass is not a validation step
     t0 = time.perf_counter()
     metrics = {}
     # The best checkpoint, loaded at the end, had its validation scores logged when it was chosen:
@@ -163,6 +166,10 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
     record.history = [{"step": step, "epoch": e.get("epoch"), headline: e[f"eval_{headline}"],
                        "seconds": e.get(EvalClock.KEY)} for step, e in logged.items()]
     record.cost["world_size"] = trainer.args.world_size   # > 1 under DDP (torchrun)
+    loads = [e[EvalClock.LOAD_KEY] for e in logged.values() if EvalClock.LOAD_KEY in e]
+    # what else ran: a load average near cpu_count means every core was busy (e.g. a parallel sweep's other jobs)
+    record.cost.update(cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+                       load_average=round(float(np.mean(loads)), 2) if loads else None)
     if not main:
         return record
     model_dir = run_dir / MODEL_DIR
@@ -206,7 +213,7 @@ def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda,
         eval_strategy="epoch" if by_epoch else "steps", save_strategy="epoch" if by_epoch else "steps",
         eval_steps=None if by_epoch else t.eval_every, save_steps=None if by_epoch else t.eval_every,
-        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model=headline, greater_is_better=True,
+        save_total_limit=2, load_best_model_at_end=True, restore_callback_states_from_checkpoint=True, metric_for_best_model=headline, greater_is_better=True,
         logging_steps=t.logging_steps, logging_first_step=True, report_to=LOGGERS[t.logger],
         disable_tqdm=not t.progress, seed=cfg.seed, data_seed=cfg.seed, full_determinism=bool(t.deterministic),
         dataloader_num_workers=t.num_workers, label_names=["labels"],

@@ -165,6 +165,10 @@ class FakeGrid:
     def __init__(self, score, lr_extend=2, fails=()):
         self.score, self.lr_extend, self.fails, self.runs, self.launched = score, lr_extend, fails, {}, []
 
+    def lr_grid(self, method):
+        from sparsetune_cli.sweep import lr_grid
+        return lr_grid(method)
+
     def records(self, task, method, extra=None):
         from sparsetune_cli.record import RunRecord
         return [RunRecord.from_dict({"status": "completed", "task": task, "method": method, "seed": 0,
