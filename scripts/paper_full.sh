@@ -3,14 +3,14 @@
 # `sparsetune paper`, 1 thread each, in opposite task orders. Each run folder's lock keeps two workers off the same
 # run, so they share the grid without running a cell twice. sparse, full and lora go first (their lr grid, then
 # 3 seeds), then the other methods. Resumable: stop it any time (Ctrl-C, kill) and run it again.
-#   WORKERS=2 bash scripts/paper_full.sh        (make paper-full)
+#   WORKERS=2 bash scripts/paper_full.sh        (make paper-full; OUTPUT_ROOT=DIR puts the runs under DIR/runs)
 set -u
 BIN=${BIN:-.venv/bin}
 WORKERS=${WORKERS:-2}
 ORDERS=("trec,intent,banking77,srl,entity_matching" "entity_matching,srl,banking77,intent,trec")
 paper() {   # $1: worker, $2: stage, $3: the methods (empty: the experiment's own list)
   "$BIN/sparsetune" paper --experiment paper_full_cpu --ablation none --out results/paper_full --stage "$2" \
-    train.threads=1 "hydra.sweeper.params.task=${ORDERS[$(($1 % 2))]}" ${3:+"hydra.sweeper.params.method=$3"}
+    ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} train.threads=1 "hydra.sweeper.params.task=${ORDERS[$(($1 % 2))]}" ${3:+"hydra.sweeper.params.method=$3"}
 }
 worker() {  # a second pass picks up what the first left because the other worker still held it
   for pass in 1 2; do
