@@ -103,12 +103,18 @@ def log_odds_z(counts: np.ndarray, prior: float) -> np.ndarray:
     return (log_c - log_r) / np.sqrt(var)
 
 
-def position_mask(groups: TokenGroups, enc, i: int, length: int) -> np.ndarray:
-    """1 at the token positions of example i covered by a kept group."""
+def position_mask(groups: TokenGroups, enc, i: int, length: int, label: int | None = None) -> np.ndarray:
+    """1 at the token positions of example i covered by a kept group. With the example's label: only groups
+    that point to that label count, each weighted by its association z-score (the largest where groups overlap)."""
     mask = np.zeros(length, dtype=np.float32)
     for gram, positions in example_grams(enc, i, groups.max_ngram):
-        if gram in groups.index:
+        rank = groups.index.get(gram)
+        if rank is None:
+            continue
+        if label is None:
             mask[positions] = 1.0
+        elif groups.classes[rank] == label:
+            mask[positions] = np.maximum(mask[positions], groups.scores[rank])
     return mask
 
 

@@ -12,7 +12,7 @@ from conftest import run_tiny
 from sparsetune_cli.errors import UserError
 from sparsetune_cli.methods import METHODS
 from sparsetune_cli.methods.base import WEIGHTS
-from sparsetune_cli.methods.sparse import RowDeltaLinear
+from sparsetune_cli.methods.sparse import DeltaLinear
 from sparsetune_cli.predict import inference_autocast, load_run, merge, predict
 
 SHORT = ["task=trec", "task.train_limit=64", "task.eval_limit=32", "train.max_steps=3", "train.device=cpu",
@@ -56,7 +56,7 @@ def _op_grads(dtype):
     at `dtype` (None: fp32)."""
     torch.manual_seed(0)
     base = torch.nn.Linear(64, 48)
-    layer = RowDeltaLinear(base, torch.tensor([1, 7, 20, 33]))
+    layer = DeltaLinear(base, torch.tensor([1, 7, 20, 33]))
     with torch.no_grad():
         layer.delta.normal_(std=0.05)
     x = torch.randn(4, 16, 64, requires_grad=True)

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from conftest import run_tiny
 from sparsetune_cli.methods import count_params, get_method
-from sparsetune_cli.methods.sparse import SELECTORS, RowDeltaLinear
+from sparsetune_cli.methods.sparse import SELECTORS, DeltaLinear
 from sparsetune_cli.models import is_head, load_model, transformer_blocks
 from sparsetune_cli.predict import load_run, merge
 from test_methods import setup
@@ -56,7 +56,7 @@ def test_merged_model_loads_without_sparsetune_and_gives_the_same_logits(sparse_
         sparse_logits = run.model(**batch).logits
     merge(run, tmp_path / "merged")
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    assert not any(isinstance(m, RowDeltaLinear) for m in plain.modules())
+    assert not any(isinstance(m, DeltaLinear) for m in plain.modules())
     base = load_model(run.cfg.backbone, len(run.labels), run.tokenizer)
     assert type(plain) is type(base)
     assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
@@ -105,7 +105,7 @@ def test_no_backward_below_the_selected_depth(data_dir):
 
 
 def context_rows(model):
-    return [n for n, m in model.named_modules() if isinstance(m, RowDeltaLinear)]
+    return [n for n, m in model.named_modules() if isinstance(m, DeltaLinear)]
 
 
 def test_token_report_of_banking77_reads_as_its_classes(data_dir):
@@ -124,7 +124,7 @@ def test_token_report_of_banking77_reads_as_its_classes(data_dir):
 def test_row_delta_gradients_match_autograd_of_the_plain_formula():
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 5).double()
-    layer = RowDeltaLinear(base, torch.tensor([1, 3]))
+    layer = DeltaLinear(base, torch.tensor([1, 3]))
     with torch.no_grad():
         layer.delta.normal_()
     x = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
@@ -151,9 +151,107 @@ def test_probe_scores_of_the_top_blocks_do_not_depend_on_where_the_backward_star
     groups = mine(context.rows, data.labels, tok, cfg.task.max_length, 200, 2, 2)
     linears = block_linears(model)
     n = len(transformer_blocks(model))
-    whole, _ = method.probe(model, context, groups, linears, np.random.default_rng(0), lowest=0)
-    top, _ = method.probe(model, context, groups, linears, np.random.default_rng(0), lowest=n - 2)
+    whole, whole_cols, _ = method.probe(model, context, groups, linears, np.random.default_rng(0), lowest=0)
+    top, top_cols, _ = method.probe(model, context, groups, linears, np.random.default_rng(0), lowest=n - 2)
     kept = [name for b, name, _ in linears if b >= n - 2]
     assert any(top[name].sum() > 0 for name in kept)
-    for name in kept:   # the same scores for every matrix of the top blocks
+    for name in kept:   # the same scores for every matrix of the top blocks, rows and columns
         assert torch.allclose(whole[name], top[name], rtol=1e-5, atol=1e-12), name
+        assert torch.allclose(whole_cols[name], top_cols[name], rtol=1e-5, atol=1e-12), name
+
+
+def test_fisher_scores_equal_the_batch_scores_when_each_batch_is_one_example(data_dir):
+    """token_fisher sums squared per-example gradients (through Gram matrices); with one example per batch that is
+    exactly what token sums, so the two must agree, for rows and columns."""
+    import numpy as np
+    from sparsetune_cli.methods.sparse import block_linears
+    from sparsetune_cli.tokens import mine
+    scores = {}
+    for selector in ("token", "token_fisher"):
+        cfg, tok, data, ds, collator, context = setup("tiny-encoder", "sparse", data_dir,
+                                                      [f"method.selector={selector}", "method.probe_batches=16",
+                                                       "train.batch_size=1"])
+        model = load_model(cfg.backbone, len(data.labels), tok, seed=0)
+        groups = mine(context.rows, data.labels, tok, cfg.task.max_length, 200, 2, 2)
+        scores[selector] = get_method(cfg.method).probe(model, context, groups, block_linears(model),
+                                                        np.random.default_rng(0))[:2]
+    for kind in (0, 1):
+        assert any(v.sum() > 0 for v in scores["token"][kind].values())
+        for name, v in scores["token"][kind].items():
+            assert torch.allclose(v, scores["token_fisher"][kind][name], rtol=1e-4, atol=1e-10), name
+
+
+def test_contrastive_mask_keeps_only_groups_of_the_examples_label_weighted_by_their_score():
+    from sparsetune_cli.tokens import TokenGroups, position_mask
+    groups = TokenGroups(groups=[(11,), (12,)], scores=[4.0, 2.0], classes=[0, 1], counts=[5, 5], max_ngram=1)
+
+    class Enc(dict):   # the two BatchEncoding methods example_grams reads: one text of three one-token words
+        def sequence_ids(self, i):
+            return [None, 0, 0, 0, None]
+
+        def word_ids(self, i):
+            return [None, 0, 1, 2, None]
+    enc = Enc({"input_ids": [[101, 11, 12, 13, 102]]})
+    assert position_mask(groups, enc, 0, 5).tolist() == [0, 1, 1, 0, 0]
+    assert position_mask(groups, enc, 0, 5, label=0).tolist() == [0, 4, 0, 0, 0]
+    assert position_mask(groups, enc, 0, 5, label=1).tolist() == [0, 0, 2, 0, 0]
+
+
+def test_columns_train_only_the_selected_input_features_and_merge_exactly(data_dir):
+    cfg, tok, data, ds, collator, context = setup("tiny-encoder", "sparse", data_dir,
+                                                  ["method.granularity=columns", "method.budget=0.01",
+                                                   "method.probe_batches=2"])
+    model = load_model(cfg.backbone, len(data.labels), tok)
+    method = get_method(cfg.method)
+    model = method.prepare(model, context=context)
+    state = method.state
+    assert state["granularity"] == "columns" and state["columns"] and not state["rows"]
+    assert count_params(model)["trainable_params_without_head"] == state["selected_params"] <= \
+        0.01 * state["backbone_params"]
+    layers = [m for m in model.modules() if isinstance(m, DeltaLinear)]
+    assert layers and all(m.dim == 1 and m.delta.shape == (m.out_features, len(m.rows)) for m in layers)
+    batch = collator([ds["train"][i] for i in range(4)])
+    with torch.no_grad():
+        for m in layers:
+            m.delta.normal_()
+        model.eval()
+        before = model(**batch).logits
+        merged = method.export(model)
+        torch.testing.assert_close(merged(**batch).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_depth_takes_the_top_blocks_that_hold_most_of_an_all_block_selection(data_dir):
+    cfg, tok, data, ds, collator, context = setup("tiny-encoder", "sparse", data_dir,
+                                                  ["method.depth=auto", "method.probe_batches=2"])
+    method = get_method(cfg.method)
+    model = method.prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
+    state = method.state
+    shares = state["all_block_shares"]
+    n = len(shares)
+    assert 1 <= state["depth"] <= n and sum(shares[n - state["depth"]:]) >= 0.75 - 1e-6
+    assert state["depth"] == 1 or sum(shares[n - state["depth"] + 1:]) < 0.75
+    lowest = n - state["depth"]
+    assert all(int(name.split("layer.")[1].split(".")[0]) >= lowest for name in state["rows"])
+
+
+def test_auto_depth_needs_a_probed_selector():
+    from conftest import compose
+    from sparsetune_cli.errors import UserError
+    with pytest.raises(UserError, match="depth=auto needs a probed selector"):
+        get_method(compose(["method=sparse", "method.depth=auto", "method.selector=random"]).method)
+
+
+def test_column_delta_gradients_match_autograd_of_the_plain_formula():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).double()
+    layer = DeltaLinear(base, torch.tensor([0, 4]), dim=1)
+    with torch.no_grad():
+        layer.delta.normal_()
+    x = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
+    reference = torch.nn.functional.linear(x, base.weight.index_add(1, layer.rows, layer.delta), base.bias)
+    y = layer(x)
+    assert torch.allclose(y, reference)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.delta), g)
+    want = torch.autograd.grad(reference, (x, layer.delta), g)
+    assert all(torch.allclose(a, b) for a, b in zip(got, want))

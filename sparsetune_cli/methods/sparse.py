@@ -8,6 +8,10 @@
 3. Selection: top rows within a parameter budget, restricted to the top `depth` blocks so that the
    blocks below need no backward pass at all.
 4. Training: W stays frozen; each selected row gets a trainable delta, y[..., rows] += x D^T.
+
+Variants for the selector study (README "Which rows"): other token-driven scores (per-example Fisher,
+label-evidence positions, gradient x weight), columns (input features) instead of rows, and a depth the
+probe chooses (depth=auto).
 """
 from __future__ import annotations
 
@@ -31,7 +35,18 @@ from ..tokens import report as make_report
 from .base import Method, MethodContext, register
 
 log = logging.getLogger(__name__)
-SELECTORS = ("token", "all_positions", "magnitude", "random")
+# How rows (or columns) are scored. Token-driven: the gradient at token-group positions, as
+#   token              the squared norm of each probe batch's gradient, summed (the default)
+#   token_fisher       per example, summed: the diagonal Fisher restricted to group positions, aggregated to rows
+#   token_contrastive  only at positions of groups that point to the example's own label, weighted by the
+#                      group's association z-score (evidence for the right class, not any group)
+#   token_x_weight     (gradient x weight) summed over the row, squared per batch: the first-order change of the
+#                      loss if the row were scaled, the Taylor importance of pruning work
+# Controls: all_positions (the token score over every position), magnitude (|W|), random.
+SELECTORS = ("token", "token_fisher", "token_contrastive", "token_x_weight", "all_positions", "magnitude", "random")
+PROBED = {"token", "token_fisher", "token_contrastive", "token_x_weight", "all_positions"}
+GRANULARITIES = ("rows", "columns")
+AUTO_DEPTH_SHARE = 0.75   # depth=auto: the fewest top blocks that hold this share of an all-block selection
 
 
 def master_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -47,59 +62,62 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-class _RowDeltaLinearFn(torch.autograd.Function):
-    """y = x (W + D on the selected rows)^T + b. Forward is one matmul with the patched weight, as in a
-    plain linear layer (patching W copies out x in values, far fewer than adding into y's batch x tokens x
-    out); backward computes the input gradient and only the k selected rows' weight gradient.
+class _DeltaLinearFn(torch.autograd.Function):
+    """y = x (W + D on the selected rows, or columns)^T + b. Forward is one matmul with the patched weight, as in
+    a plain linear layer (patching W copies out x in values, far fewer than adding into y's batch x tokens x
+    out); backward computes the input gradient and only the selected rows' (columns') weight gradient.
 
     Mixed precision: both matmuls run in the compute dtype (bf16/fp16 under autocast), as nn.Linear's do;
     the delta (an fp32 master weight) gets its gradient cast back to fp32, and x its gradient in x's dtype.
-    The rows are unique, so index_add has no colliding writes: the result is deterministic on CUDA too."""
+    The indices are unique, so index_add has no colliding writes: the result is deterministic on CUDA too."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, delta):
+    def forward(ctx, x, weight, bias, index, delta, dim):
         dtype = _compute_dtype(x, weight)
-        patched = weight.index_add(0, rows, delta.to(weight.dtype)).to(dtype)
+        patched = weight.index_add(dim, index, delta.to(weight.dtype)).to(dtype)
         xc = x.to(dtype)
-        ctx.save_for_backward(xc, patched, rows)
-        ctx.dtypes = (x.dtype, delta.dtype)
+        ctx.save_for_backward(xc, patched, index)
+        ctx.dtypes, ctx.dim = (x.dtype, delta.dtype), dim
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(xc, patched, None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, patched, rows = ctx.saved_tensors
+        x, patched, index = ctx.saved_tensors
         x_dtype, delta_dtype = ctx.dtypes
         grad_y = grad_y.to(patched.dtype)
         grad_x = (grad_y @ patched).to(x_dtype) if ctx.needs_input_grad[0] else None
-        grad_delta = grad_y.index_select(-1, rows).reshape(-1, len(rows)).T @ x.reshape(-1, x.shape[-1])
-        return grad_x, None, None, None, grad_delta.to(delta_dtype)
+        if ctx.dim == 0:   # rows: (k, in)
+            grad_delta = grad_y.index_select(-1, index).reshape(-1, len(index)).T @ x.reshape(-1, x.shape[-1])
+        else:              # columns: (out, k)
+            grad_delta = grad_y.reshape(-1, grad_y.shape[-1]).T @ x.index_select(-1, index).reshape(-1, len(index))
+        return grad_x, None, None, None, grad_delta.to(delta_dtype), None
 
 
-class RowDeltaLinear(nn.Linear):
-    """nn.Linear with a frozen weight and a trainable delta on some output rows. Keeps the
-    `weight`/`bias` names of the module it replaces, so the base weights load and merge as usual."""
+class DeltaLinear(nn.Linear):
+    """nn.Linear with a frozen weight and a trainable delta on some output rows (dim=0) or input columns (dim=1).
+    Keeps the `weight`/`bias` names of the module it replaces, so the base weights load and merge as usual."""
 
-    def __init__(self, base: nn.Linear, rows: torch.Tensor):
+    def __init__(self, base: nn.Linear, index: torch.Tensor, dim: int = 0):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features, self.dim = base.in_features, base.out_features, dim
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.register_buffer("rows", rows.to(torch.long), persistent=False)
-        self.delta = nn.Parameter(torch.zeros(len(rows), base.in_features, dtype=master_dtype(base.weight),
-                                              device=base.weight.device))
+        self.register_buffer("rows", index.to(torch.long), persistent=False)   # rows, or columns when dim=1
+        shape = (len(index), base.in_features) if dim == 0 else (base.out_features, len(index))
+        self.delta = nn.Parameter(torch.zeros(shape, dtype=master_dtype(base.weight), device=base.weight.device))
 
     def forward(self, x):
-        return _RowDeltaLinearFn.apply(x, self.weight, self.bias, self.rows, self.delta)
+        return _DeltaLinearFn.apply(x, self.weight, self.bias, self.rows, self.delta, self.dim)
 
     def merged(self) -> nn.Linear:
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             out.weight.copy_(self.weight)
-            out.weight.index_add_(0, self.rows, self.delta.to(out.weight.dtype))
+            out.weight.index_add_(self.dim, self.rows, self.delta.to(out.weight.dtype))
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out
@@ -159,8 +177,9 @@ class Sparse(Method):
     @dataclasses.dataclass
     class Options:
         budget: float = 0.01
-        depth: Any = 2            # a number of blocks, or all
+        depth: Any = 2            # a number of blocks, all, or auto (the probe chooses)
         selector: str = "token"
+        granularity: str = "rows"
         num_groups: int = 1000
         min_count: int = 3
         max_ngram: int = 3
@@ -172,10 +191,15 @@ class Sparse(Method):
         cfg = self.cfg
         if cfg.selector not in SELECTORS:
             raise UserError(f"method.selector={cfg.selector!r}: choose one of {', '.join(SELECTORS)}")
+        if cfg.get("granularity", "rows") not in GRANULARITIES:
+            raise UserError(f"method.granularity={cfg.granularity!r}: choose rows or columns")
         if not 0 < cfg.budget <= 1:
             raise UserError(f"method.budget={cfg.budget} is out of range: allowed (0, 1]")
-        if not (cfg.depth in (None, "all") or (isinstance(cfg.depth, int) and cfg.depth >= 1)):
-            raise UserError(f"method.depth={cfg.depth!r}: a number of top blocks >= 1, or all")
+        if not (cfg.depth in (None, "all", "auto") or (isinstance(cfg.depth, int) and cfg.depth >= 1)):
+            raise UserError(f"method.depth={cfg.depth!r}: a number of top blocks >= 1, all, or auto")
+        if cfg.depth == "auto" and cfg.selector not in PROBED:
+            raise UserError(f"method.depth=auto needs a probed selector ({', '.join(sorted(PROBED))}), not "
+                            f"{cfg.selector}: it puts the rows where the probe's scores concentrate")
         for key in ("num_groups", "min_count", "max_ngram", "probe_batches"):
             if cfg[key] < 1:
                 raise UserError(f"method.{key}={cfg[key]} is out of range: allowed >= 1")
@@ -197,15 +221,17 @@ class Sparse(Method):
         for name, p in model.named_parameters():
             if is_head(name):
                 p.requires_grad = True
-        for name, rows in state["rows"].items():
-            module = model.get_submodule(name)
-            cls = RowDeltaEmbedding if isinstance(module, nn.Embedding) else RowDeltaLinear
-            _replace(model, name, cls(module, torch.tensor(rows)))
+        for key, dim in (("rows", 0), ("columns", 1)):
+            for name, index in state.get(key, {}).items():
+                module = model.get_submodule(name)
+                new = RowDeltaEmbedding(module, torch.tensor(index)) if isinstance(module, nn.Embedding) \
+                    else DeltaLinear(module, torch.tensor(index), dim)
+                _replace(model, name, new)
         return model
 
     def export(self, model):
         for name, module in list(model.named_modules()):
-            if isinstance(module, (RowDeltaLinear, RowDeltaEmbedding)):
+            if isinstance(module, (DeltaLinear, RowDeltaEmbedding)):
                 _replace(model, name, module.merged())
         return model
 
@@ -217,13 +243,14 @@ class Sparse(Method):
         n_blocks = len(transformer_blocks(model))
         backbone_params = sum(p.numel() for n, p in model.named_parameters() if not is_head(n))
         budget = int(cfg.budget * backbone_params)
-        depth = n_blocks if cfg.depth in (None, "all") else int(cfg.depth)
+        columns = cfg.get("granularity", "rows") == "columns"
+        depth = n_blocks if cfg.depth in (None, "all", "auto") else int(cfg.depth)
         if not 1 <= depth <= n_blocks:
             raise UserError(f"method.depth={cfg.depth}: must be 1..{n_blocks} (or all) for this backbone")
 
-        groups, report = None, None
+        groups = None
         t0 = time.perf_counter()
-        if cfg.selector == "token" or cfg.embeddings:
+        if cfg.selector.startswith("token") or cfg.embeddings:
             groups = mine(context.rows, context.labels, context.tokenizer, context.max_length,
                           cfg.num_groups, cfg.min_count, cfg.max_ngram)
             report = make_report(groups, context.labels, context.tokenizer)
@@ -237,78 +264,94 @@ class Sparse(Method):
             groups = None
 
         t0 = time.perf_counter()
-        if cfg.selector in ("token", "all_positions"):
-            scores, emb_scores = self.probe(model, context, groups, linears, rng,
-                                            lowest=0 if cfg.embeddings else n_blocks - depth)
+        emb_scores = None
+        if cfg.selector in PROBED:
+            rows_s, cols_s, emb_scores = self.probe(model, context, groups, linears, rng,
+                                                    lowest=0 if cfg.embeddings else n_blocks - depth)
+            scores = cols_s if columns else rows_s
         elif cfg.selector == "magnitude":
-            scores = {name: m.weight.detach().abs().sum(1).double() / m.weight.detach().abs().sum(1).double().mean()
+            scores = {name: _normalized(m.weight.detach().abs().sum(0 if columns else 1).double())
                       for _, name, m in linears}
-            emb_scores = None
         else:  # random
-            scores = {name: torch.from_numpy(rng.random(m.out_features)) for _, name, m in linears}
-            emb_scores = None
+            scores = {name: torch.from_numpy(rng.random(m.in_features if columns else m.out_features))
+                      for _, name, m in linears}
         self.timings["probe_seconds"] = time.perf_counter() - t0
 
-        # Candidates: (score, module name, row, cost in parameters), only in the top `depth` blocks.
-        allowed = {name for b, name, _ in linears if b >= n_blocks - depth}
-        cand_scores, cand_names, cand_rows, cand_cost = [], [], [], []
-        for _, name, m in linears:
-            if name in allowed:
-                s = scores[name].numpy()
-                cand_scores.append(s)
-                cand_names += [name] * len(s)
-                cand_rows.append(np.arange(len(s)))
-                cand_cost.append(np.full(len(s), m.in_features))
-        if cfg.embeddings and emb_scores is not None:
-            emb_name, emb_ids, emb_s = emb_scores
-            cand_scores.append(emb_s)
-            cand_names += [emb_name] * len(emb_s)
-            cand_rows.append(emb_ids)
-            cand_cost.append(np.full(len(emb_s), model.get_submodule(emb_name).embedding_dim))
-        s, r, c = np.concatenate(cand_scores), np.concatenate(cand_rows), np.concatenate(cand_cost)
-        order = np.argsort(-s, kind="stable")
-        within = np.cumsum(c[order]) <= budget
-        chosen = order[within]
-        rows: dict[str, list[int]] = {}
-        for i in chosen:
-            rows.setdefault(cand_names[i], []).append(int(r[i]))
-        rows = {k: sorted(v) for k, v in sorted(rows.items())}
-        used = int(c[chosen].sum())
-        if not rows:
-            raise UserError(f"method.budget={cfg.budget} is below one row ({int(c.min())} parameters) for this backbone")
-        log.info("sparse: %d rows in %d matrices, %d parameters (%.2f%% of %d), mining %.1fs, probe %.1fs",
-                 len(chosen), len(rows), used, 100 * used / backbone_params, backbone_params,
-                 self.timings["mining_seconds"], self.timings["probe_seconds"])
-        return {"selector": cfg.selector, "budget": cfg.budget, "depth": depth, "selected_params": used,
-                "backbone_params": backbone_params, "rows": rows,
-                "per_block_params": _per_block(rows, linears, model)}
+        extra = {}
+        if cfg.depth == "auto":   # the fewest top blocks that hold most of an all-block selection
+            chosen = _choose(scores, linears, budget, columns, n_blocks, None)
+            per_block = np.zeros(n_blocks)
+            for name, idx in chosen.items():
+                b = next(b for b, n, _ in linears if n == name)
+                per_block[b] += len(idx) * _unit_cost(model.get_submodule(name), columns)
+            share = np.cumsum(per_block[::-1]) / max(per_block.sum(), 1)
+            depth = int(np.argmax(share >= AUTO_DEPTH_SHARE - 1e-9)) + 1
+            extra["all_block_shares"] = [round(float(v), 4) for v in per_block / max(per_block.sum(), 1)]
+        picked = _choose(scores, linears, budget, columns, depth, emb_scores if cfg.embeddings else None, model)
+        used = sum(len(idx) * _unit_cost(model.get_submodule(name), columns) for name, idx in picked.items())
+        if not picked:
+            smallest = min(_unit_cost(m, columns) for _, _, m in linears)
+            raise UserError(f"method.budget={cfg.budget} is below one {'column' if columns else 'row'} "
+                            f"({smallest} parameters) for this backbone")
+        log.info("sparse: %d %s in %d matrices, depth %d, %d parameters (%.2f%% of %d), mining %.1fs, probe %.1fs",
+                 sum(len(v) for v in picked.values()), "columns" if columns else "rows", len(picked), depth, used,
+                 100 * used / backbone_params, backbone_params, self.timings["mining_seconds"],
+                 self.timings["probe_seconds"])
+        emb = _emb_name(emb_scores)
+        lin = {k: v for k, v in picked.items() if k != emb}
+        state = {"selector": cfg.selector, "budget": cfg.budget, "depth": depth, "selected_params": used,
+                 "backbone_params": backbone_params, "granularity": "columns" if columns else "rows",
+                 "rows": {} if columns else lin, **extra}
+        if columns:
+            state["columns"] = lin
+        if emb in picked:
+            state["rows"][emb] = picked[emb]
+        state["per_block_params"] = _per_block(picked, linears, model, columns)
+        return state
 
     def probe(self, model, context, groups, linears, rng, lowest: int = 0):
-        """Accumulate token-driven (or all-position) squared gradient norms per output row, for the blocks
-        from `lowest` up: the backward pass starts at that block's input and costs nothing below it."""
+        """Accumulate the selector's score per output row and per input column of every linear layer in the
+        blocks from `lowest` up: the backward pass starts at that block's input and costs nothing below it.
+        Returns (row scores, column scores, embedding scores or None), each normalized by its matrix's mean."""
         cfg = self.cfg
+        kind = cfg.selector
         train, collator, tokenizer = context.train, context.collator, context.tokenizer
         bs = context.batch_size
         n = min(len(train), cfg.probe_batches * bs)
         idx = rng.choice(len(train), size=n, replace=False)
         enc = encode(tokenizer, [context.rows[i] for i in idx], context.max_length) if groups else None
+        label_id = {name: i for i, name in enumerate(context.labels)}
 
-        scores = {name: torch.zeros(m.out_features, dtype=torch.float64) for _, name, m in linears}
+        row_s = {name: torch.zeros(m.out_features, dtype=torch.float64) for _, name, m in linears}
+        col_s = {name: torch.zeros(m.in_features, dtype=torch.float64) for _, name, m in linears}
         emb = model.get_input_embeddings()
         emb_name = next(n for n, m in model.named_modules() if m is emb)
         vocab_grad = {}
         current = {}
         handles = []
 
-        def keep_input(name):
+        def keep_input(name, weight):
             def hook(module, inputs, output):
                 x = inputs[0].detach()
                 mask = current["mask"]
 
                 def on_grad(g):
                     gm = g.detach().float() * mask.unsqueeze(-1)   # scores in fp32 over a bf16 backbone too
-                    grad = torch.einsum("...o,...i->oi", gm, x.float())
-                    scores[name] += grad.double().pow(2).sum(1)
+                    if kind == "token_fisher":   # sum over examples e of |G_e row|^2, G_e = sum_t g_t x_t^T,
+                        xf = x.float()           # through the t x t Gram matrices (no b x o x i tensor)
+                        gram_x, gram_g = xf @ xf.transpose(1, 2), gm @ gm.transpose(1, 2)
+                        row_s[name] += torch.einsum("bto,btu,buo->o", gm, gram_x, gm).double()
+                        col_s[name] += torch.einsum("bti,btu,bui->i", xf, gram_g, xf).double()
+                        return
+                    grad = torch.einsum("...o,...i->oi", gm, x.float()).double()
+                    if kind == "token_x_weight":
+                        taylor = grad * weight.detach().double()
+                        row_s[name] += taylor.sum(1).pow(2)
+                        col_s[name] += taylor.sum(0).pow(2)
+                    else:
+                        sq = grad.pow(2)
+                        row_s[name] += sq.sum(1)
+                        col_s[name] += sq.sum(0)
                 output.register_hook(on_grad)
             return hook
 
@@ -332,7 +375,7 @@ class Sparse(Method):
 
         for b, name, m in linears:
             if b >= lowest:
-                handles.append(m.register_forward_hook(keep_input(name)))
+                handles.append(m.register_forward_hook(keep_input(name, m.weight)))
         if lowest == 0:
             handles.append(emb.register_forward_hook(grad_entry))
         else:
@@ -348,8 +391,10 @@ class Sparse(Method):
                 batch_idx = list(range(start, min(n, start + bs)))
                 batch = collator([train[int(idx[i])] for i in batch_idx])
                 length = batch["input_ids"].shape[1]
-                if groups is not None and cfg.selector == "token":
-                    masks = [position_mask(groups, enc, i, len(enc["input_ids"][i])) for i in batch_idx]
+                if groups is not None and kind != "all_positions":
+                    masks = [position_mask(groups, enc, i, len(enc["input_ids"][i]),
+                                           label_id[context.rows[int(idx[i])]["label"]]
+                                           if kind == "token_contrastive" else None) for i in batch_idx]
                     mask = torch.zeros(len(batch_idx), length)
                     for row, m in enumerate(masks):
                         if tokenizer.padding_side == "left":
@@ -366,21 +411,63 @@ class Sparse(Method):
             model.train(was_training)
             for nm, p in model.named_parameters():
                 p.requires_grad_(flags[nm])
-        normalized = {k: v / v.mean().clamp(min=1e-30) for k, v in scores.items()}
         emb_scores = None
         if cfg.embeddings and vocab_grad:
             ids = np.array(sorted(vocab_grad))
             vals = np.array([vocab_grad[t] for t in ids])
             emb_scores = (emb_name, ids, vals / max(vals.mean(), 1e-30))
-        return normalized, emb_scores
+        return ({k: _normalized(v) for k, v in row_s.items()}, {k: _normalized(v) for k, v in col_s.items()},
+                emb_scores)
 
 
-def _per_block(rows: dict, linears, model) -> dict:
+def _normalized(v: torch.Tensor) -> torch.Tensor:
+    """Scores over a matrix's mean, so that layers of different scale compete fairly."""
+    return v / v.mean().clamp(min=1e-30)
+
+
+def _unit_cost(module, columns: bool) -> int:
+    """Parameters of one trainable unit: a row of a linear layer is in_features wide, a column out_features."""
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    return module.out_features if columns else module.in_features
+
+
+def _emb_name(emb_scores) -> str | None:
+    return emb_scores[0] if emb_scores is not None else None
+
+
+def _choose(scores: dict, linears, budget: int, columns: bool, depth: int, emb_scores=None,
+            model=None) -> dict[str, list[int]]:
+    """The best-scoring units of the top `depth` blocks (and embedding rows) whose parameters fit the budget."""
+    n_blocks = 1 + max(b for b, _, _ in linears)
+    names, units, costs, values = [], [], [], []
+    for b, name, m in linears:
+        if b >= n_blocks - depth:
+            s = scores[name].numpy()
+            values.append(s)
+            names += [name] * len(s)
+            units.append(np.arange(len(s)))
+            costs.append(np.full(len(s), _unit_cost(m, columns)))
+    if emb_scores is not None:
+        emb_name, emb_ids, emb_s = emb_scores
+        values.append(emb_s)
+        names += [emb_name] * len(emb_s)
+        units.append(emb_ids)
+        costs.append(np.full(len(emb_s), model.get_submodule(emb_name).embedding_dim))
+    s, u, c = np.concatenate(values), np.concatenate(units), np.concatenate(costs)
+    order = np.argsort(-s, kind="stable")
+    chosen = order[np.cumsum(c[order]) <= budget]
+    picked: dict[str, list[int]] = {}
+    for i in chosen:
+        picked.setdefault(names[i], []).append(int(u[i]))
+    return {k: sorted(v) for k, v in sorted(picked.items())}
+
+
+def _per_block(picked: dict, linears, model, columns: bool = False) -> dict:
     block_of = {name: b for b, name, _ in linears}
     per = {}
-    for name, r in rows.items():
-        m = model.get_submodule(name)
-        width = m.in_features if isinstance(m, nn.Linear) else m.embedding_dim
+    for name, r in picked.items():
+        width = _unit_cost(model.get_submodule(name), columns)
         key = f"block{block_of[name]}" if name in block_of else "embeddings"
         per[key] = per.get(key, 0) + len(r) * width
     return per
