@@ -66,7 +66,7 @@ paper-full: install
 # Only regenerate results/paper/ (and results/paper_full/) from the finished runs under results/runs/.
 tables: install
 	$(BIN)/sparsetune paper --stage tables
-	$(BIN)/sparsetune paper --stage tables --experiment paper_full_cpu --ablation none --out results/paper_full
+	$(BIN)/sparsetune paper --stage tables --experiment paper_full_cpu --ablation none --study none --out results/paper_full
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

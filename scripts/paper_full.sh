@@ -9,7 +9,7 @@ BIN=${BIN:-.venv/bin}
 WORKERS=${WORKERS:-2}
 ORDERS=("trec,intent,banking77,srl,entity_matching" "entity_matching,srl,banking77,intent,trec")
 paper() {   # $1: worker, $2: stage, $3: the methods (empty: the experiment's own list)
-  "$BIN/sparsetune" paper --experiment paper_full_cpu --ablation none --out results/paper_full --stage "$2" \
+  "$BIN/sparsetune" paper --experiment paper_full_cpu --ablation none --study none --out results/paper_full --stage "$2" \
     ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} train.threads=1 "hydra.sweeper.params.task='${ORDERS[$(($1 % 2))]}'" ${3:+"hydra.sweeper.params.method='$3'"}
 }
 worker() {  # a second pass picks up what the first left because the other worker still held it
@@ -23,4 +23,4 @@ worker() {  # a second pass picks up what the first left because the other worke
 trap 'kill 0' INT TERM
 for i in $(seq 0 $((WORKERS - 1))); do worker "$i" & done
 wait
-"$BIN/sparsetune" paper --experiment paper_full_cpu --ablation none --out results/paper_full --stage tables
+"$BIN/sparsetune" paper --experiment paper_full_cpu --ablation none --study none --out results/paper_full --stage tables

@@ -4,13 +4,14 @@ When everything that trains lies in the top blocks and the head (sparse, layer_s
 blocks below run without dropout, the bottom (embeddings and the frozen blocks) computes the same output for
 an example in every epoch, learning rate and seed. Its output for every training example is computed once,
 stored on disk (memory-mapped, fp32: the numbers are exactly what the bottom computes) under a hash of
-everything it depends on, and reused: a training step then runs only the top blocks and the head.
+everything it depends on, and reused: a training step then runs only the top blocks and the head. The validation
+and test rows get a cache of their own the same way, so evaluation runs only the top too.
 
 How: the bottom modules keep their weights and names (saving, merging and predict never see the cache), but
 while a batch that carries its cached bottom output runs, the embeddings return zeros, the frozen blocks below
 the last pass their input through, and the last frozen block returns the cached output. Everything else
 (attention masks, rotary position inputs, the top blocks, pooling and head) is the model's own code, so the
-result is the uncached one. Batches without it (evaluation, the sparse probe, predict) run the whole model.
+result is the uncached one. Batches without it (the sparse probe, predict) run the whole model.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 VERSION = 1
 FAMILIES = ("bert", "llama")   # tested: a block takes (hidden, mask, ...) and returns hidden; right padding
 KEY = "cached_bottom"          # the batch entry the collator adds and the model's pre-hook takes out
-INDEX = "cache_index"          # the train dataset column naming each row's place in the cache
+INDEX = "cache_index"          # the dataset column naming each row's place in the caches (all splits, in order)
 
 
 def why_not(cfg, model, tokenizer) -> str | None:
@@ -150,13 +151,12 @@ def problem(folder: Path) -> str | None:
 
 
 class BottomCache:
-    """A built cache attached to a model: a collator that adds each batch's cached bottom output, and the bottom
-    modules switched to use it when it is there."""
+    """Built caches attached to a model: a collator that adds each batch's cached bottom output, and the bottom
+    modules switched to use it when it is there. One store per split; a row's index counts across them in order."""
 
-    def __init__(self, folder: Path, model, collator):
-        self.folder = folder
-        self.hidden = np.load(folder / "hidden.npy", mmap_mode="r")
-        self.offsets = np.load(folder / "offsets.npy")
+    def __init__(self, folders: list[Path], model, collator):
+        self.stores = [(np.load(f / "hidden.npy", mmap_mode="r"), np.load(f / "offsets.npy")) for f in folders]
+        self.starts = np.cumsum([0] + [len(offsets) - 1 for _, offsets in self.stores])
         self.base_collator = collator
         self.current: torch.Tensor | None = None
         bottom = frozen_bottom(model)
@@ -187,40 +187,55 @@ class BottomCache:
         # the backward pass needs no bottom: only the forward reads the cached tensor
         self.current = None
 
+    def rows(self, i: int) -> np.ndarray:
+        store = int(np.searchsorted(self.starts, i, side="right")) - 1
+        hidden, offsets = self.stores[store]
+        j = i - self.starts[store]
+        return np.asarray(hidden[offsets[j]:offsets[j + 1]])
+
     def __call__(self, features: list[dict]) -> dict:
         index = [f.pop(INDEX) for f in features if INDEX in f]
         batch = self.base_collator(features)
         if index and len(index) == len(features):
             ids = batch["input_ids"]
-            cached = torch.zeros(ids.shape[0], ids.shape[1], self.hidden.shape[1])
+            cached = torch.zeros(ids.shape[0], ids.shape[1], self.stores[0][0].shape[1])
             for j, i in enumerate(index):
-                rows = torch.from_numpy(np.asarray(self.hidden[self.offsets[i]:self.offsets[i + 1]]))
+                rows = torch.from_numpy(self.rows(i))
                 cached[j, :len(rows)] = rows
             batch[KEY] = cached
         return batch
 
 
-def attach(cfg, model, tokenizer, train, collator, root: Path):
-    """(train dataset, collator, what to record) for this run: with the cache when it applies (building it when
-    it is missing, rebuilding it when it is damaged), else unchanged with the reason."""
-    reason = why_not(cfg, model, tokenizer)
-    if reason is not None:
-        log.info("frozen-bottom cache not used: %s", reason)
-        return train, collator, {"used": False, "reason": reason}
-    t0 = time.perf_counter()
-    folder = Path(root) / cache_key(model, train, cfg.task.max_length)
-    built = False
+def _ready(cfg, model, rows, collator, root: Path) -> tuple[Path, bool]:
+    """The cache folder of these rows, built when missing and rebuilt when damaged; (folder, built)."""
+    folder = Path(root) / cache_key(model, rows, cfg.task.max_length)
     if folder.exists():
         bad = problem(folder)
         if bad is not None:
             log.warning("frozen-bottom cache %s cannot be used (%s): rebuilding it", folder, bad)
             shutil.rmtree(folder, ignore_errors=True)
     if not folder.exists():
-        build(model, train, collator, cfg.train.eval_batch_size, folder)
-        built = True
-    info = {"used": True, "blocks": frozen_blocks(model), "built": built, "folder": str(folder),
+        build(model, rows, collator, cfg.train.eval_batch_size, folder)
+        return folder, True
+    return folder, False
+
+
+def attach(cfg, model, tokenizer, splits: dict, collator, root: Path):
+    """(the splits, collator, what to record) for this run: with every split's cache when it applies (building
+    it when it is missing, rebuilding it when it is damaged), else unchanged with the reason."""
+    reason = why_not(cfg, model, tokenizer)
+    if reason is not None:
+        log.info("frozen-bottom cache not used: %s", reason)
+        return splits, collator, {"used": False, "reason": reason}
+    t0 = time.perf_counter()
+    folders, built = zip(*(_ready(cfg, model, rows, collator, root) for rows in splits.values()))
+    info = {"used": True, "blocks": frozen_blocks(model), "built": any(built), "folder": str(folders[0]),
             "seconds": time.perf_counter() - t0}
-    log.info("frozen-bottom cache %s %s: the bottom %d blocks run once (%.1fs)", folder.name,
-             "built" if built else "reused", info["blocks"], info["seconds"])
-    cache = BottomCache(folder, model, collator)
-    return train.add_column(INDEX, list(range(len(train)))), cache, info
+    log.info("frozen-bottom cache of %s %s: the bottom %d blocks run once (%.1fs)", ", ".join(splits),
+             "built" if any(built) else "reused", info["blocks"], info["seconds"])
+    cache = BottomCache(list(folders), model, collator)
+    out, start = {}, 0
+    for name, rows in splits.items():
+        out[name] = rows.add_column(INDEX, list(range(start, start + len(rows))))
+        start += len(rows)
+    return out, cache, info

@@ -59,6 +59,7 @@ def frame(records: list[RunRecord]) -> pd.DataFrame:
         row = flatten(r)
         m = r.config["method"]
         row.update(lr=m["lr"], selector=m.get("selector"), budget=m.get("budget"),
+                   depth=str(m.get("depth")), granularity=m.get("granularity", "rows"),
                    threads=str(r.config["train"].get("threads")),
                    test=r.headline("test"), validation=r.headline("validation"))
         rows.append(row)
@@ -146,6 +147,121 @@ def ablation_table(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     return cells.reindex(columns=[t for t in tasks if t in cells.columns]).fillna("").reset_index()
 
 
+def stability_table(df: pd.DataFrame, tasks: list[str], methods: list[str]) -> pd.DataFrame:
+    """Per method and task: the seed spread of the test headline (std, worst seed, best - worst), and per method
+    the average over tasks. A method is more stable when its std and its mean - worst gap are smaller."""
+    rows = []
+    for method in [m for m in methods if m in set(df.method)]:
+        for task in [t for t in tasks if t in set(df.task)]:
+            v = df[(df.method == method) & (df.task == task)]["test"]
+            if len(v):
+                rows.append({"method": method, "task": task, "seeds": len(v), "mean": round(v.mean(), 4),
+                             "std": round(v.std(), 4) if len(v) > 1 else np.nan, "worst seed": round(v.min(), 4),
+                             "mean - worst": round(v.mean() - v.min(), 4), "best - worst": round(v.max() - v.min(), 4)})
+    return pd.DataFrame(rows)
+
+
+def convergence_table(records: list[RunRecord]) -> pd.DataFrame:
+    """Per run at its chosen lr: whether its validation curve had flattened when it stopped: its best evaluation is
+    not the last one, or its last two evaluations differ by under 0.5 points."""
+    rows = []
+    for r in records:
+        curve = [h[r.headline_metric] for h in r.history or []]
+        if not curve:
+            continue
+        best = int(np.argmax(curve))
+        last_two = abs(curve[-1] - curve[-2]) if len(curve) > 1 else np.nan
+        rows.append({"task": r.task, "method": r.method, "seed": r.seed, "lr": r.config["method"]["lr"],
+                     "evaluations": len(curve), "best at": best + 1, "best": round(curve[best], 4),
+                     "last": round(curve[-1], 4), "last two differ by": round(last_two, 4),
+                     "flattened": bool(best < len(curve) - 1 or last_two < 0.005)})
+    return pd.DataFrame(rows).sort_values(["task", "method", "seed"]) if rows else pd.DataFrame()
+
+
+TOKEN_DRIVEN = ("token", "token_fisher", "token_contrastive", "token_x_weight")
+CONTROLS = ("random", "magnitude")
+
+
+def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, float, int]:
+    """Mean of a - b over the seeds both have, with a 95% t interval: (mean, low, high, n)."""
+    from scipy import stats
+    d = (a - b).dropna()
+    n = len(d)
+    if n < 2:
+        return (float(d.mean()) if n else np.nan), np.nan, np.nan, n
+    half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n)
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), n
+
+
+def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """Per task, budget, depth and granularity: each selector's test mean over seeds and, for the token-driven
+    ones, the paired difference (same seed: same data order and head) against random and against magnitude,
+    with its 95% interval. `beats both`: both intervals lie above 0."""
+    rows = []
+    for (task, budget, depth, gran), cell in df.groupby(["task", "budget", "depth", "granularity"]):
+        test = cell.pivot_table(index="seed", columns="selector", values="test")
+        val = cell.pivot_table(index="seed", columns="selector", values="validation")
+        for sel in test.columns:
+            row = {"task": task, "budget": budget, "depth": depth, "granularity": gran, "selector": sel,
+                   "seeds": int(test[sel].notna().sum()), "test": round(test[sel].mean(), 4),
+                   "validation": round(val[sel].mean(), 4)}
+            wins = []
+            for control in CONTROLS:
+                if sel in TOKEN_DRIVEN and control in test.columns:
+                    mean, low, high, n = paired_difference(test[sel], test[control])
+                    row[f"vs {control}"] = f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n})" if n > 1 else ""
+                    wins.append(bool(low > 0) if n > 1 else False)
+            row["beats both"] = len(wins) == len(CONTROLS) and all(wins)
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out["task"] = pd.Categorical(out["task"], [t for t in tasks if t in set(out["task"])] +
+                                 sorted(set(out["task"]) - set(tasks)))
+    return out.sort_values(["task", "depth", "granularity", "budget", "selector"]).reset_index(drop=True)
+
+
+def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
+    """Paired difference against random (95% interval) by budget, one line per selector, one panel per task
+    (depth 2, rows: the main part of the study)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    main = df[(df.depth == "2") & (df.granularity == "rows")]
+    present = [t for t in tasks if t in set(main.task)]
+    if not present or "random" not in set(main.selector):
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 3.4), squeeze=False, sharey=True)
+    selectors = [s for s in (*TOKEN_DRIVEN, "magnitude") if s in set(main.selector)]
+    for ax, task in zip(axes[0], present):
+        cell = main[main.task == task]
+        for i, sel in enumerate(selectors):
+            xs, ys, lo, hi = [], [], [], []
+            for budget, b in cell.groupby("budget"):
+                t = b.pivot_table(index="seed", columns="selector", values="test")
+                if sel in t and "random" in t:
+                    mean, low, high, n = paired_difference(t[sel], t["random"])
+                    if n > 1:
+                        xs.append(budget * (1 + 0.06 * (i - len(selectors) / 2)))
+                        ys.append(mean)
+                        lo.append(mean - low)
+                        hi.append(high - mean)
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=2, lw=1, label=sel,
+                            color="C3" if sel == "token" else f"C{i}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("budget (fraction of backbone)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test: selector - random (paired, 95% CI)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "selector_study.png", dpi=120)
+    plt.close(fig)
+    return out / "selector_study.png"
+
+
 def token_case_study(plan: Plan, per_class: int = 3, classes: int = 6, top: int = 10) -> str:
     """Per task: the top token groups overall and for a few classes, as the seed-0 sparse run saved them
     (token_groups.json), or mined the same way where that file is not kept (committed records hold only
@@ -230,7 +346,7 @@ def plots(df: pd.DataFrame, cost: pd.DataFrame, tasks: list[str], methods: list[
     return written
 
 
-def write_tables(plan: Plan, ablation: Plan | None, out: Path) -> list[Path]:
+def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: Plan | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     chosen, missing = lr_choices(plan)
     records = main_records(plan)
@@ -269,9 +385,62 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path) -> list[Path]:
                  f"Sparse ablation, experiment={ablation.experiment}: test headline metric",
                  "Rows: how many rows train (budget, fraction of backbone parameters) and which (selector: token "
                  "= token-driven gradient, the default).", index=False)
+    if study is not None:
+        runs = [r for task in study.tasks for r in study.records(task, "sparse")]
+        if runs:
+            sdf = frame(runs)
+            save("selector_study", selector_study(sdf, study.tasks),
+                 f"Selector study, experiment={study.experiment}: which rows to train",
+                 "Test headline metric, mean over seeds, per task, budget (fraction of backbone parameters), depth "
+                 "(top blocks; auto: chosen by the probe) and granularity. `vs random` / `vs magnitude`: the mean "
+                 "paired difference (same seed: same data order and head initialization) with its 95% t interval. "
+                 "`beats both`: both intervals lie above 0. Validation means are what a default is chosen on.",
+                 index=False)
+            fig = selector_plot(sdf, study.tasks, out)
+            written.extend([fig] if fig else [])
+    stab = stability_table(df, plan.tasks, plan.methods)
+    save("stability", stab, "Stability over seeds (test headline metric, each method at its chosen lr)",
+         "`std`: sample std over seeds; `mean - worst`: how far the worst seed falls below the mean.", index=False)
+    conv = convergence_table(records)
+    if not conv.empty:
+        save("convergence", conv, "Did each run's validation curve flatten?",
+             "Per run at its chosen lr: evaluations done (early stopping may end a run before train.epochs), the "
+             "best one, and `flattened`: the best is not the last evaluation, or the last two differ by under 0.5 "
+             "points.", index=False)
     (out / "tokens.md").write_text(token_case_study(plan))
     written.append(out / "tokens.md")
     written += plots(df, cost, plan.tasks, plan.methods, out)
+    written += stability_plot(stab, plan.tasks, out)
     return written
+
+
+def stability_plot(stab: pd.DataFrame, tasks: list[str], out: Path) -> list[Path]:
+    """Left: each method's seed std per task; right: each method's worst seed below its mean, averaged over tasks."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if stab.empty or stab["std"].isna().all():
+        return []
+    methods = list(dict.fromkeys(stab.method))
+    present = [t for t in tasks if t in set(stab.task)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        sub = stab[stab.method == m].set_index("task").reindex(present)
+        left.bar(np.arange(len(present)) + i * width, sub["std"], width, label=m,
+                 color="C3" if m == "sparse" else f"C{i + (i >= 3)}")   # C3 (red) is sparse's alone
+    left.set_xticks(np.arange(len(present)) + 0.4 - width / 2, present, fontsize=8)
+    left.set_ylabel("seed std of the test metric")
+    left.legend(fontsize=7, ncol=2)
+    gap = stab.groupby("method", sort=False)["mean - worst"].mean().reindex(methods)
+    right.bar(range(len(methods)), gap, color=["C3" if m == "sparse" else "C0" for m in methods])
+    right.set_xticks(range(len(methods)), methods, rotation=60, fontsize=8)
+    right.set_ylabel("mean - worst seed, averaged over tasks")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "stability.png", dpi=120)
+    plt.close(fig)
+    return [out / "stability.png"]
 
 

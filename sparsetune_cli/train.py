@@ -99,9 +99,11 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
     t0 = time.perf_counter()
     model = prepare_model(cfg, method, model, context)
     prepare_seconds = time.perf_counter() - t0
-    # the frozen bottom's output computed once (or read back) where it applies; the rest of the run is the same
-    train_set, collator, cache = bottom_cache.attach(cfg, model, tokenizer, datasets["train"], context.collator,
-                                                     bottom_cache.cache_root())
+    # the frozen bottom's output of every row computed once (or read back) where it applies; the rest is the same
+    splits = {k: datasets[k] for k in ("train", "validation", "test")}
+    cached, collator, cache = bottom_cache.attach(cfg, model, tokenizer, splits, context.collator,
+                                                  bottom_cache.cache_root())
+    datasets = {**datasets, **cached}
 
     positive = data.labels.index(str(cfg.task.positive_label)) if cfg.task.get("positive_label") is not None else None
     headline = cfg.task.headline_metric
@@ -116,12 +118,12 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
         record.data["class_weight"] = dict(zip(data.labels, (round(w, 4) for w in weights.tolist())))
     nan_guard = StopOnNonFiniteLoss()
     callbacks = [stop, nan_guard, ReseedEachStep(cfg.seed), EvalClock(start)]
-    if cfg.train.get("patience"):   # its counter is saved in each checkpoint, so a resumed run stops where it would have
+    if cfg.train.get("patience"):   # its counter is saved in checkpoints: a resumed run stops where it would have
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.train.patience)))
     if cfg.train.logger == "csv":
         callbacks.append(CsvLogger(run_dir / LOG_FILE))
     trainer = SparsetuneTrainer(model=model, args=training_arguments(cfg, run_dir, headline),
-                                data_collator=collator, train_dataset=train_set,
+                                data_collator=collator, train_dataset=datasets["train"],
                                 eval_dataset=datasets["validation"], processing_class=tokenizer,
                                 compute_metrics=compute_metrics, callbacks=callbacks, compute_loss_func=loss_func)
     resume = last_good_checkpoint(run_dir / CHECKPOINTS)

@@ -43,7 +43,10 @@ def step(model, batch):
 def test_a_step_with_the_cache_equals_a_step_without(backbone, method, data_dir, tmp_path):
     cfg, tok, ds, collator, plain = prepared(backbone, method, data_dir)
     cached = copy.deepcopy(plain)
-    train, cache_collator, info = bottom_cache.attach(cfg, cached, tok, ds["train"], collator, tmp_path)
+    sets, cache_collator, info = bottom_cache.attach(cfg, cached, tok, {"train": ds["train"],
+                                                                      "validation": ds["validation"]},
+                                                     collator, tmp_path)
+    train = sets["train"]
     assert info["used"] and info["built"] and info["blocks"] == (2 if method == "head_only" else 1)
     rows = list(range(5, 21))
     want = step(plain, collator([ds["train"][i] for i in rows]))
@@ -58,6 +61,16 @@ def test_a_step_with_the_cache_equals_a_step_without(backbone, method, data_dir,
     assert got[2].keys() == want[2].keys() and got[2]
     for name in want[2]:
         torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-4, atol=1e-6)
+
+    # evaluation: validation rows come from their own cache (their index counts on after train's rows)
+    val = sets["validation"]
+    assert val[0]["cache_index"] == len(train)
+    plain.eval(), cached.eval()
+    with torch.no_grad():
+        want_logits = plain(**collator([ds["validation"][i] for i in range(8)])).logits
+        got_logits = cached(**cache_collator([val[i] for i in range(8)])).logits
+    assert calls == [], "the frozen bottom ran although its output was cached"
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-6)
     # batches without cached rows (evaluation, predict) run the whole model, bottom included
     cached.eval()
     with torch.no_grad():
@@ -99,7 +112,7 @@ def test_any_change_to_what_the_bottom_depends_on_changes_the_key(data_dir):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_meta"])
 def test_a_damaged_cache_is_detected_and_rebuilt(damage, data_dir, tmp_path, caplog):
     cfg, tok, ds, collator, model = prepared("tiny-encoder", "head_only", data_dir)
-    _, _, info = bottom_cache.attach(cfg, copy.deepcopy(model), tok, ds["train"], collator, tmp_path)
+    _, _, info = bottom_cache.attach(cfg, copy.deepcopy(model), tok, {"train": ds["train"]}, collator, tmp_path)
     folder = tmp_path / info["folder"].rsplit("/", 1)[-1]
     good = np.load(folder / "hidden.npy").copy()
     data = folder / "hidden.npy"
@@ -113,7 +126,7 @@ def test_a_damaged_cache_is_detected_and_rebuilt(damage, data_dir, tmp_path, cap
         (folder / "meta.json").unlink()
     assert bottom_cache.problem(folder) is not None
     with caplog.at_level(logging.WARNING):
-        _, _, again = bottom_cache.attach(cfg, copy.deepcopy(model), tok, ds["train"], collator, tmp_path)
+        _, _, again = bottom_cache.attach(cfg, copy.deepcopy(model), tok, {"train": ds["train"]}, collator, tmp_path)
     assert again["built"] and "cannot be used" in caplog.text
     assert bottom_cache.problem(folder) is None and np.array_equal(np.load(folder / "hidden.npy"), good)
 

@@ -70,3 +70,44 @@ def test_declared_max_positions_match_the_packaged_model(name):
     bb = compose([f"backbone={name}"]).backbone
     config = AutoConfig.from_pretrained(weights_location(bb), **_load_kwargs(bb))
     assert config.max_position_embeddings == bb.max_positions
+
+
+@pytest.mark.parametrize("experiment", names("experiment"))
+def test_every_experiment_composes_for_every_cell_of_its_sweep(experiment):
+    """Each experiment config, with each task and method it sweeps, composes and passes validation."""
+    from sparsetune_cli.config import validate_config
+    from sparsetune_cli.sweep import Plan
+    plan = Plan(experiment, [])
+    for task in plan.tasks:
+        for method in plan.methods:
+            cfg = compose([f"experiment={experiment}", f"task={task}", f"method={method}"])
+            validate_config(cfg)
+            assert cfg.task.name == task and cfg.method.name == method
+            assert "task_overrides" not in cfg   # applied and dropped
+
+
+def test_task_overrides_reach_only_their_task_and_leave_no_trace():
+    em = compose(["experiment=paper_full_cpu", "task=entity_matching"])
+    srl = compose(["experiment=paper_full_cpu", "task=srl"])
+    assert em.task.max_length == 256 and srl.task.max_length == compose(["task=srl"]).task.max_length
+    assert "task_overrides" not in em and "task_overrides" not in srl
+
+
+def test_a_task_override_of_a_key_the_task_lacks_names_it():
+    from sparsetune_cli.errors import UserError
+    with pytest.raises(UserError, match=r"task_overrides\.trec\.max_lenght: task trec has no key 'max_lenght'"):
+        compose(["task=trec", "+task_overrides={trec: {max_lenght: 99}}"])
+
+
+def test_an_experiment_can_search_its_own_lr_grid_per_method():
+    from sparsetune_cli.sweep import Plan, lr_grid
+    plan = Plan("paper_full_cpu", [])
+    assert plan.lr_grid("full") == [1e-4, 3e-4, 1e-3] != lr_grid("full")
+    assert Plan("paper_cpu", []).lr_grid("full") == lr_grid("full")
+
+
+def test_patience_out_of_range_is_refused():
+    from sparsetune_cli.config import validate_config
+    from sparsetune_cli.errors import UserError
+    with pytest.raises(UserError, match="train.patience=0 is out of range"):
+        validate_config(compose(["train.patience=0"]))

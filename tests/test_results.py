@@ -81,3 +81,50 @@ def test_git_commit_is_dirty_for_changed_code_but_not_for_changed_records(tmp_pa
     assert results.git_commit() == clean
     (tmp_path / "code.py").write_text("a = 2\n")
     assert results.git_commit() == clean + "-dirty"
+
+
+def study_frame(effects: dict, seeds=range(5), noise=None):
+    """A selector-study frame: test = seed baseline + the selector's effect (+ optional per-run noise)."""
+    import pandas as pd
+    rows = []
+    for seed in seeds:
+        for sel, effect in effects.items():
+            extra = 0.0 if noise is None else noise[(sel, seed)]
+            rows.append({"task": "srl", "budget": 0.001, "depth": "2", "granularity": "rows", "selector": sel,
+                         "seed": seed, "test": 0.5 + 0.05 * seed + effect + extra, "validation": 0.5 + effect})
+    return pd.DataFrame(rows)
+
+
+def test_selector_study_pairs_seeds_and_gives_a_95_interval():
+    """The seed baseline (here 0.05 per seed, far larger than the effects) cancels in the paired difference."""
+    from scipy import stats
+    from sparsetune_cli.report import selector_study
+    rng = np.random.default_rng(0)
+    noise = {(s, i): float(rng.normal(0, 0.002)) for s in ("token", "random", "magnitude") for i in range(5)}
+    df = study_frame({"token": 0.01, "random": 0.0, "magnitude": 0.012}, noise=noise)
+    out = selector_study(df, ["srl"]).set_index("selector")
+    d = np.array([0.01 + noise[("token", i)] - noise[("random", i)] for i in range(5)])
+    half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+    assert out.loc["token", "vs random"] == f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}] (n=5)"
+    assert d.mean() - half > 0            # beats random ...
+    assert not out.loc["token", "beats both"]   # ... but not magnitude
+    assert not out.loc["random", "beats both"] and not out.loc["magnitude", "beats both"]   # controls are not tested
+    better = selector_study(study_frame({"token": 0.02, "random": 0.0, "magnitude": 0.005}, noise=noise), ["srl"])
+    assert better.set_index("selector").loc["token", "beats both"]
+
+
+def test_stability_and_convergence_tables():
+    import pandas as pd
+    from sparsetune_cli.record import RunRecord
+    from sparsetune_cli.report import convergence_table, stability_table
+    df = pd.DataFrame([{"method": "full", "task": "trec", "seed": s, "test": v} for s, v in enumerate([0.9, 0.8, 0.85])])
+    row = stability_table(df, ["trec"], ["sparse", "full"]).iloc[0]
+    assert (row["seeds"], row["worst seed"], row["mean - worst"], row["best - worst"]) == (3, 0.8, 0.05, 0.1)
+
+    def run(curve):
+        return RunRecord.from_dict({"status": "completed", "task": "trec", "method": "full", "seed": 0,
+                                    "headline_metric": "accuracy", "config": {"method": {"lr": 1e-4}},
+                                    "history": [{"step": i, "accuracy": a} for i, a in enumerate(curve)]})
+    conv = convergence_table([run([0.5, 0.8, 0.79]), run([0.5, 0.7, 0.703]), run([0.5, 0.6, 0.7])])
+    assert conv["flattened"].tolist() == [True, True, False]   # best before the end; last two close; still rising
+    assert conv["best at"].tolist() == [2, 3, 3]

@@ -41,6 +41,7 @@ def test_result_schema(finished_run):
                 "checkpoint_mb"):
         assert cost[key] > 0, key
     assert cost["trainable_params"] == cost["total_params"]            # full finetuning trains everything
+    assert cost["cpu_count"] >= 1 and cost["threads"] >= 1 and cost["load_average"] >= 0   # what else ran
     assert {"python", "torch", "transformers", "peft", "datasets", "sparsetune", "git_commit"} <= set(rec["versions"])
     assert rec["config"]["train"]["epochs"] == 1 and rec["config"]["seed"] == 0
     assert (run_dir / "config.yaml").is_file() and (run_dir / "log.csv").is_file()
@@ -188,3 +189,14 @@ def test_bench_quick_writes_every_method_as_a_ratio_to_full(tmp_path, data_dir):
     assert set(result["inference_ratio_to_base"]) == {"base", "sparse_merged", "lora_unmerged", "lora_merged",
                                                       "prefix"}
     assert "| sparse |" in out.with_suffix(".md").read_text()
+
+
+def test_patience_stops_a_run_whose_validation_score_stops_improving(tmp_path, data_dir):
+    """At a learning rate too small to change any prediction the validation score never improves: patience 1
+    ends the run after its second evaluation of 6 epochs, and the first (best) checkpoint is what is scored."""
+    from conftest import run_tiny
+    record, _ = run_tiny(tmp_path, ["method=full", "method.lr=1e-12", f"data_dir={data_dir}", "train.epochs=6",
+                                    "train.patience=1"])
+    history = record["history"]
+    assert record["status"] == "completed" and [h["epoch"] for h in history] == [1.0, 2.0]
+    assert record["metrics"]["validation"]["accuracy"] == history[0]["accuracy"]
