@@ -127,7 +127,8 @@ def _paper(args: list[str]) -> None:
     p.add_argument("--stage", choices=("all",) + sweep.STAGES, default="all")
     p.add_argument("--experiment", default="paper_cpu", help="the main grid (configs/experiment/)")
     p.add_argument("--ablation", default="paper_ablation_cpu", help="the sparse ablation; 'none' to skip")
-    p.add_argument("--study", default="paper_selector_cpu", help="the selector study (its tables only); 'none' to skip")
+    p.add_argument("--study", default="paper_selector_cpu,paper_selector_depth_cpu",
+                   help="the selector study's experiments, comma-separated (tables only); 'none' to skip")
     p.add_argument("--out", default="results/paper", help="folder for tables and plots")
     p.add_argument("--lr-extend", type=int, default=2, metavar="N",
                    help="widen a grid by up to N lr steps past an end that scores best (0: the lr_grid only)")
@@ -135,7 +136,7 @@ def _paper(args: list[str]) -> None:
     a = p.parse_args(args)
     plan = sweep.Plan(a.experiment, a.overrides, a.lr_extend)
     ablation = None if a.ablation == "none" else sweep.Plan(a.ablation, a.overrides)
-    study = None if a.study == "none" else sweep.Plan(a.study, a.overrides)
+    study = [] if a.study == "none" else [sweep.Plan(name, a.overrides) for name in a.study.split(",")]
     stages = sweep.STAGES if a.stage == "all" else (a.stage,)
     try:
         if "grid" in stages:

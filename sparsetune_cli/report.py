@@ -346,7 +346,7 @@ def plots(df: pd.DataFrame, cost: pd.DataFrame, tasks: list[str], methods: list[
     return written
 
 
-def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: Plan | None = None) -> list[Path]:
+def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     chosen, missing = lr_choices(plan)
     records = main_records(plan)
@@ -385,19 +385,19 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: Plan | Non
                  f"Sparse ablation, experiment={ablation.experiment}: test headline metric",
                  "Rows: how many rows train (budget, fraction of backbone parameters) and which (selector: token "
                  "= token-driven gradient, the default).", index=False)
-    if study is not None:
-        runs = [r for task in study.tasks for r in study.records(task, "sparse")]
-        if runs:
-            sdf = frame(runs)
-            save("selector_study", selector_study(sdf, study.tasks),
-                 f"Selector study, experiment={study.experiment}: which rows to train",
-                 "Test headline metric, mean over seeds, per task, budget (fraction of backbone parameters), depth "
-                 "(top blocks; auto: chosen by the probe) and granularity. `vs random` / `vs magnitude`: the mean "
-                 "paired difference (same seed: same data order and head initialization) with its 95% t interval. "
-                 "`beats both`: both intervals lie above 0. Validation means are what a default is chosen on.",
-                 index=False)
-            fig = selector_plot(sdf, study.tasks, out)
-            written.extend([fig] if fig else [])
+    runs = [r for p in study or [] for task in p.tasks for r in p.records(task, "sparse")]
+    if runs:
+        tasks = list(dict.fromkeys(t for p in study for t in p.tasks))
+        sdf = frame(runs)
+        save("selector_study", selector_study(sdf, tasks),
+             f"Selector study, experiment={', '.join(p.experiment for p in study)}: which rows to train",
+             "Test headline metric, mean over seeds, per task, budget (fraction of backbone parameters), depth "
+             "(top blocks; auto: chosen by the probe) and granularity. `vs random` / `vs magnitude`: the mean "
+             "paired difference (same seed: same data order and head initialization) with its 95% t interval. "
+             "`beats both`: both intervals lie above 0. Validation means are what a default is chosen on.",
+             index=False)
+        fig = selector_plot(sdf, tasks, out)
+        written.extend([fig] if fig else [])
     stab = stability_table(df, plan.tasks, plan.methods)
     save("stability", stab, "Stability over seeds (test headline metric, each method at its chosen lr)",
          "`std`: sample std over seeds; `mean - worst`: how far the worst seed falls below the mean.", index=False)
