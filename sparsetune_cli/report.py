@@ -178,6 +178,21 @@ def convergence_table(records: list[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["task", "method", "seed"]) if rows else pd.DataFrame()
 
 
+def data_table(records: list[RunRecord]) -> pd.DataFrame:
+    """Per task: max_length, split sizes and the share of each split truncated, as the runs recorded them."""
+    rows = {}
+    for r in records:
+        data = r.data or {}
+        if r.task in rows or not data.get("sizes"):
+            continue
+        row = {"task": r.task, "max_length": r.config["task"]["max_length"]}
+        for split, n in data["sizes"].items():
+            row[split] = n
+            row[f"{split} truncated"] = f"{100 * data.get('truncated', {}).get(split, 0) / max(n, 1):.2f}%"
+        rows[r.task] = row
+    return pd.DataFrame(list(rows.values()))
+
+
 TOKEN_DRIVEN = ("token", "token_fisher", "token_contrastive", "token_x_weight")
 CONTROLS = ("random", "magnitude")
 
@@ -350,10 +365,10 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
     out.mkdir(parents=True, exist_ok=True)
     chosen, missing = lr_choices(plan)
     records = main_records(plan)
-    if not records:
+    grid = lr_table(plan, chosen)
+    if not records and grid.empty:
         raise UserError(f"no completed runs of experiment={plan.experiment} under {plan.runs}: "
                         "run `sparsetune paper` (or --stage grid) first")
-    df = frame(records)
     written = []
 
     def save(name: str, table: pd.DataFrame, title: str, note: str = "", index: bool = True) -> None:
@@ -361,17 +376,25 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
         (out / f"{name}.md").write_text(f"# {title}\n\n{note}\n\n{table.to_markdown(index=index)}\n")
         written.extend([out / f"{name}.md", out / f"{name}.csv"])
 
-    cells, _ = main_table(df, plan.tasks, plan.methods)
     status = (f"Grid not finished for: {', '.join(missing)}." if missing else "Every grid cell is finished.")
-    save("main", cells, f"Test headline metric, experiment={plan.experiment} ({plan.backbone})",
-         f"Mean ± std over seeds (n = seeds finished), each method at its learning rate chosen on validation "
-         f"(seed 0) from its lr_grid; see lr_grid.md. Headline: accuracy, F1 of the match class for "
-         f"entity_matching. {status}")
-    grid = lr_table(plan, chosen)
+    title = f"Test headline metric, experiment={plan.experiment} ({plan.backbone})"
+    if not records:   # the grids are still running: show what has run
+        (out / "main.md").write_text(f"# {title}\n\nNo (task, method) learning-rate grid is finished yet; "
+                                     f"lr_grid.md shows the runs so far. {status}\n")
+        written.append(out / "main.md")
+    else:
+        df = frame(records)
+        cells, _ = main_table(df, plan.tasks, plan.methods)
+        save("main", cells, title,
+             f"Mean ± std over seeds (n = seeds finished), each method at its learning rate chosen on validation "
+             f"(seed 0) from its lr_grid; see lr_grid.md. Headline: accuracy, F1 of the match class for "
+             f"entity_matching. {status}")
     save("lr_grid", grid, "Learning-rate grid (seed 0)",
          "validation and test headline metric per grid point; `chosen` is the best validation score, "
          "`edge` marks the ends of the grid searched. A grid is widened one lr step at a time past an end "
          "that scores strictly best, up to --lr-extend steps per side.", index=False)
+    if not records:
+        return written
     cost = cost_table(df, plan.methods)
     save("cost", cost, "Cost (ratios to full finetuning on the same task, seed and train.threads, averaged)",
          "Times are wall-clock on this machine. `whole run` covers loading, token mining, probe, training and "
@@ -407,6 +430,9 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
              "Per run at its chosen lr: evaluations done (early stopping may end a run before train.epochs), the "
              "best one, and `flattened`: the best is not the last evaluation, or the last two differ by under 0.5 "
              "points.", index=False)
+    save("data", data_table(records), "Data each task's runs used",
+         "Examples per split and the share truncated at the task's max_length (from the runs' records).",
+         index=False)
     (out / "tokens.md").write_text(token_case_study(plan))
     written.append(out / "tokens.md")
     written += plots(df, cost, plan.tasks, plan.methods, out)
