@@ -215,7 +215,8 @@ def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda,
         eval_strategy="epoch" if by_epoch else "steps", save_strategy="epoch" if by_epoch else "steps",
         eval_steps=None if by_epoch else t.eval_every, save_steps=None if by_epoch else t.eval_every,
-        save_total_limit=2, load_best_model_at_end=True, restore_callback_states_from_checkpoint=True, metric_for_best_model=headline, greater_is_better=True,
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model=headline, greater_is_better=True,
+        restore_callback_states_from_checkpoint=True,   # early stopping's count survives a resume
         logging_steps=t.logging_steps, logging_first_step=True, report_to=LOGGERS[t.logger],
         disable_tqdm=not t.progress, seed=cfg.seed, data_seed=cfg.seed, full_determinism=bool(t.deterministic),
         dataloader_num_workers=t.num_workers, label_names=["labels"],
