@@ -49,7 +49,10 @@ class CsvLogger(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM/SIGINT: save a checkpoint at the end of this step, then stop (a second signal stops at once)."""
+    """SIGTERM/SIGINT: save a checkpoint at the end of this step, then stop (a second signal stops at once).
+    `received` stays set for the process: a signal that lands after training (in the test pass) lets that run
+    complete, and the sweep it belongs to stops before the next run."""
+    received: int | None = None
 
     def __init__(self):
         self.signal: int | None = None
@@ -61,7 +64,7 @@ class StopOnSignal(TrainerCallback):
             raise KeyboardInterrupt
         log.warning("received %s: saving a checkpoint, then stopping (send again to stop at once)",
                     signal.Signals(signum).name)
-        self.signal = signum
+        self.signal = StopOnSignal.received = signum
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.signal is not None:

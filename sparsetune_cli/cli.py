@@ -73,8 +73,11 @@ def _hydra_run(args: list[str]) -> None:
             # before importing torch: a resumed sweep skips in seconds
             record = completed_run(cfg, run_dir, lambda: data_fingerprint(cfg))
             if record is None:
+                from .callbacks import StopOnSignal
                 from .train import run
                 record = run(cfg, run_dir)
+                if StopOnSignal.received is not None and record.status == "completed":
+                    sys.exit(130)   # stopped during the run's last passes: it completed, the sweep stops here
         except UserError as e:
             if hc.mode.name == "MULTIRUN":  # one bad job must not stop the sweep
                 logging.getLogger("sparsetune").error("%s: %s", run_dir, e)

@@ -249,3 +249,26 @@ def test_predict_reads_stdin_and_names_a_line_that_is_not_utf8(tmp_path, data_di
     assert ok.returncode == 0 and len(ok.stdout.strip().splitlines()) == 2
     bad = cli("predict", str(run_dir), stdin=b"fine\n\xff\xfe\n", timeout=120)
     assert one_line_error(bad) == "sparsetune: error: stdin:2: not UTF-8; give predict UTF-8 text"
+
+
+def test_a_signal_during_the_test_pass_completes_that_run_and_stops_the_sweep(tmp_path, data_dir, monkeypatch):
+    """A SIGTERM after training (here in the final test pass) cannot checkpoint anything: the run completes and
+    is recorded, and the sweep stops there (exit 130) instead of starting its next run."""
+    from sparsetune_cli import cli as cli_module
+    from sparsetune_cli import train
+    from sparsetune_cli.callbacks import StopOnSignal
+    original = train.SparsetuneTrainer.evaluate
+
+    def evaluate(self, *args, metric_key_prefix="eval", **kwargs):
+        if metric_key_prefix == "test":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+    monkeypatch.setattr(train.SparsetuneTrainer, "evaluate", evaluate)
+    monkeypatch.setattr(StopOnSignal, "received", None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        cli_module.main(["run", "-m", "backbone=tiny-encoder", "method=head_only", f"data_dir={data_dir}",
+                         f"output_root={tmp_path}", "seed=0,1", *TINY])
+    assert stopped.value.code == 130
+    records = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
+    assert [(r["status"], r["seed"]) for r in records] == [("completed", 0)]
