@@ -148,8 +148,8 @@ def ablation_table(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
 
 
 def stability_table(df: pd.DataFrame, tasks: list[str], methods: list[str]) -> pd.DataFrame:
-    """Per method and task: the seed spread of the test headline (std, worst seed, best - worst), and per method
-    the average over tasks. A method is more stable when its std and its mean - worst gap are smaller."""
+    """Per method and task: the seed spread of the test headline (std, worst seed, best - worst). A method is more
+    stable when its std and its mean - worst gap are smaller."""
     rows = []
     for method in [m for m in methods if m in set(df.method)]:
         for task in [t for t in tasks if t in set(df.task)]:
