@@ -222,10 +222,12 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
                    "validation": round(val[sel].mean(), 4)}
             wins = []
             for control in CONTROLS:
+                row[f"vs {control}"] = ""
                 if sel in TOKEN_DRIVEN and control in test.columns:
                     mean, low, high, n = paired_difference(test[sel], test[control])
-                    row[f"vs {control}"] = f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n})" if n > 1 else ""
-                    wins.append(bool(low > 0) if n > 1 else False)
+                    row[f"vs {control}"] = (f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n})" if n > 1 else
+                                            f"{mean:+.4f} (n=1, no interval)" if n == 1 else "")
+                    wins.append(n > 1 and bool(low > 0))
             row["beats both"] = len(wins) == len(CONTROLS) and all(wins)
             rows.append(row)
     out = pd.DataFrame(rows)
