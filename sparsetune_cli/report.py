@@ -239,40 +239,46 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
 
 
 def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
-    """Paired difference against random (95% interval) by budget, one line per selector, one panel per task
-    (depth 2, rows: the main part of the study)."""
+    """Paired difference against random (95% interval; a bare point while a cell has one seed) by budget, one line
+    per selector, one panel per task that has random runs (depth 2, rows: the main part of the study)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     main = df[(df.depth == "2") & (df.granularity == "rows")]
-    present = [t for t in tasks if t in set(main.task)]
-    if not present or "random" not in set(main.selector):
+    present = [t for t in tasks if {"random"} < set(main[main.task == t].selector)]
+    if not present:
         return None
-    fig, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.6), squeeze=False, sharey=True)
     selectors = [s for s in (*TOKEN_DRIVEN, "magnitude") if s in set(main.selector)]
+    colors = dict(zip(selectors, ["C3" if s == "token" else c for s, c in
+                                  zip(selectors, ["C0", "C1", "C2", "C4", "C5", "C6"])]))
     for ax, task in zip(axes[0], present):
         cell = main[main.task == task]
+        budgets = sorted(set(cell.budget))
         for i, sel in enumerate(selectors):
             xs, ys, lo, hi = [], [], [], []
             for budget, b in cell.groupby("budget"):
                 t = b.pivot_table(index="seed", columns="selector", values="test")
                 if sel in t and "random" in t:
                     mean, low, high, n = paired_difference(t[sel], t["random"])
-                    if n > 1:
-                        xs.append(budget * (1 + 0.06 * (i - len(selectors) / 2)))
+                    if n >= 1:   # one seed: a point without an interval
+                        xs.append(budget * (1 + 0.05 * (i - len(selectors) / 2)))   # side by side
                         ys.append(mean)
-                        lo.append(mean - low)
-                        hi.append(high - mean)
+                        lo.append(0.0 if n < 2 else mean - low)
+                        hi.append(0.0 if n < 2 else high - mean)
             if xs:
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=2, lw=1, label=sel,
-                            color="C3" if sel == "token" else f"C{i}")
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=2, lw=1, label=sel, color=colors[sel])
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
-        ax.set_title(task, fontsize=10)
-        ax.set_xlabel("budget (fraction of backbone)")
+        ax.set_xticks(budgets, [f"{100 * b:g}%" for b in budgets])
+        ax.minorticks_off()
+        n = cell.groupby(["budget", "selector"]).seed.nunique()
+        ax.set_title(f"{task} ({n.min()}-{n.max()} seeds a cell)" if n.min() != n.max() else
+                     f"{task} ({n.min()} seeds a cell)", fontsize=10)
+        ax.set_xlabel("budget (share of backbone parameters)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test: selector - random (paired, 95% CI)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "selector_study.png", dpi=120)
     plt.close(fig)
