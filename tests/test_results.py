@@ -128,3 +128,13 @@ def test_stability_and_convergence_tables():
     conv = convergence_table([run([0.5, 0.8, 0.79]), run([0.5, 0.7, 0.703]), run([0.5, 0.6, 0.7])])
     assert conv["flattened"].tolist() == [True, True, False]   # best before the end; last two close; still rising
     assert conv["best at"].tolist() == [2, 3, 3]
+
+
+def test_selector_plot_draws_the_tasks_that_have_random_runs(tmp_path):
+    import pandas as pd
+    from sparsetune_cli.report import selector_plot
+    df = pd.concat([study_frame({"token": 0.02, "random": 0.0, "magnitude": 0.01}),
+                    study_frame({"token": 0.03}).assign(task="trec")])   # trec has no random runs yet
+    assert selector_plot(df, ["srl", "trec"], tmp_path) == tmp_path / "selector_study.png"
+    assert (tmp_path / "selector_study.png").stat().st_size > 0
+    assert selector_plot(df[df.task == "trec"], ["trec"], tmp_path / "none") is None
