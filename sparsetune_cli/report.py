@@ -210,8 +210,8 @@ def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, float, 
 
 def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     """Per task, budget, depth and granularity: each selector's test mean over seeds and, for the token-driven
-    ones, the paired difference (same seed: same data order and head) against random and against magnitude,
-    with its 95% interval. `beats both`: both intervals lie above 0."""
+    ones, the paired difference (same seed: same training sample, data order and head) against random and against
+    magnitude, with its 95% interval. `beats both`: both intervals lie above 0."""
     rows = []
     for (task, budget, depth, gran), cell in df.groupby(["task", "budget", "depth", "granularity"]):
         test = cell.pivot_table(index="seed", columns="selector", values="test")
@@ -424,7 +424,7 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
              f"Selector study, experiment={', '.join(p.experiment for p in study)}: which rows to train",
              "Test headline metric, mean over seeds, per task, budget (fraction of backbone parameters), depth "
              "(top blocks; auto: chosen by the probe) and granularity. `vs random` / `vs magnitude`: the mean "
-             "paired difference (same seed: same data order and head initialization) with its 95% t interval. "
+             "paired difference (same seed: same training sample, data order and head) with its 95% t interval. "
              "`beats both`: both intervals lie above 0. Validation means are what a default is chosen on.",
              index=False)
         fig = selector_plot(sdf, tasks, out)
