@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # The converged comparison (configs/experiment/paper_full_cpu.yaml) on a CPU: WORKERS processes (default 2) of
 # `sparsetune paper`, 1 thread each, in opposite task orders. Each run folder's lock keeps two workers off the same
-# run, so they share the grid without running a cell twice. sparse, full and lora go first (their lr grid, then
-# 3 seeds), then the other methods. Resumable: stop it any time (Ctrl-C, kill) and run it again.
+# run, so they share the grid without running a cell twice. The CORE methods go first (their lr grid, then every
+# seed), then the experiment's other methods. Resumable: stop it any time (Ctrl-C, kill) and run it again.
 #   WORKERS=2 bash scripts/paper_full.sh        (make paper-full; OUTPUT_ROOT=DIR puts the runs under DIR/runs)
+# EXPERIMENT, TASKS, CORE and OUT run another experiment the same way (the tests run paper_smoke).
 set -u
 BIN=${BIN:-.venv/bin}
 WORKERS=${WORKERS:-2}
-ORDERS=("trec,intent,banking77,srl,entity_matching" "entity_matching,srl,banking77,intent,trec")
+EXPERIMENT=${EXPERIMENT:-paper_full_cpu}
+TASKS=${TASKS:-trec,intent,banking77,srl,entity_matching}
+CORE=${CORE:-sparse,full,lora}
+OUT=${OUT:-results/paper_full}
+REVERSED=$(echo "$TASKS" | tr ',' '\n' | tac | paste -sd, -)
+ORDERS=("$TASKS" "$REVERSED")
 paper() {   # $1: worker, $2: stage, $3: the methods (empty: the experiment's own list)
-  "$BIN/sparsetune" paper --experiment paper_full_cpu --ablation none --study none --out results/paper_full --stage "$2" \
-    ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} train.threads=1 "hydra.sweeper.params.task='${ORDERS[$(($1 % 2))]}'" ${3:+"hydra.sweeper.params.method='$3'"}
+  "$BIN/sparsetune" paper --experiment "$EXPERIMENT" --ablation none --study none --out "$OUT" --stage "$2" \
+    ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} train.threads=1 "hydra.sweeper.params.task='${ORDERS[$(($1 % 2))]}'" \
+    ${3:+"hydra.sweeper.params.method='$3'"}
 }
 worker() {  # a second pass picks up what the first left because the other worker still held it
   for pass in 1 2; do
-    for methods in sparse,full,lora ""; do
+    for methods in "$CORE" ""; do
       paper "$1" grid "$methods"
       paper "$1" seeds "$methods"
     done
@@ -23,4 +30,5 @@ worker() {  # a second pass picks up what the first left because the other worke
 trap 'kill 0' INT TERM
 for i in $(seq 0 $((WORKERS - 1))); do worker "$i" & done
 wait
-"$BIN/sparsetune" paper --experiment paper_full_cpu --ablation none --study none --out results/paper_full --stage tables
+"$BIN/sparsetune" paper --experiment "$EXPERIMENT" --ablation none --study none --out "$OUT" --stage tables \
+  ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} "hydra.sweeper.params.task='$TASKS'"

@@ -275,3 +275,25 @@ def test_a_finished_run_is_skipped_without_importing_torch(tmp_path, data_dir):
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "already completed" in proc.stderr + proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "no torch"
+
+
+@pytest.mark.slow
+def test_two_workers_of_paper_full_share_a_grid_and_finish_it(tmp_path, data_dir):
+    """scripts/paper_full.sh (make paper-full) on the smoke grid: two workers in opposite task orders, kept off each
+    other's runs by the run folders' locks, leave every cell finished once and write the tables."""
+    out = tmp_path / "tables"
+    env = {**os.environ, "BIN": str(BIN), "EXPERIMENT": "paper_smoke", "TASKS": "trec,intent", "CORE": "sparse,full",
+           "OUT": str(out), "OUTPUT_ROOT": str(tmp_path), "WORKERS": "2", "SPARSETUNE_DATA_DIR": str(data_dir)}
+    proc = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" / "paper_full.sh")], env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = records(tmp_path / "runs")
+    assert runs and all(r["status"] == "completed" for r in runs.values())
+    grid = pd.read_csv(out / "lr_grid.csv")
+    for (task, method), cell in grid.groupby(["task", "method"]):
+        lr = cell[cell.chosen].lr.iloc[0]
+        seeds = sorted(r["seed"] for r in runs.values() if (r["task"], r["method"]) == (task, method)
+                       and r["config"]["method"]["lr"] == lr)
+        assert seeds == [0, 1], (task, method, seeds)
+    main = pd.read_csv(out / "main.csv", index_col=0)
+    assert set(main.index) == {"sparse", "full", "head_only"} and "(n=2)" in main.loc["head_only", "intent"]
