@@ -59,7 +59,7 @@ paper-tables: install
 	$(BIN)/sparsetune paper
 
 # The converged comparison (configs/experiment/paper_full_cpu.yaml): all the data, early stopping, 2 workers of
-# 1 thread; resumable. Tens of CPU hours: results/paper_full/README.md has the plan.
+# 1 thread; resumable. Tens of CPU hours: results/paper_full/PLAN.md has the plan.
 paper-full: install
 	BIN=$(BIN) bash scripts/paper_full.sh
 

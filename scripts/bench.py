@@ -109,7 +109,8 @@ def cached_batches(cfg, model, tok, ds, args) -> list[dict]:
     import tempfile
     rows = ds["train"].select(range(args.batch_size * args.batches))
     pad = lambda feats: tok.pad(feats, padding="max_length", max_length=args.seq_len, return_tensors="pt")  # noqa: E731
-    _, collate, info = bottom_cache.attach(cfg, model, tok, {"train": rows}, pad, Path(tempfile.mkdtemp(prefix="bench-cache-")))
+    _, collate, info = bottom_cache.attach(cfg, model, tok, {"train": rows}, pad,
+                                           Path(tempfile.mkdtemp(prefix="bench-cache-")))
     if not info["used"]:
         raise NotApplicable(info["reason"])
     return [collate([dict(rows[i], cache_index=i) for i in range(b * args.batch_size, (b + 1) * args.batch_size)])
