@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
-# The selector study, seed by seed (every task, budget and selector of one seed before the next), 1 thread:
-# a stopped study leaves complete paired seeds. Resumable: run it again. STUDY=paper_selector_depth_cpu for the
-# depth and granularity part. Tables: make tables (results/paper/selector_study.md).
+# The selector study, seed by seed (every task, budget and selector of one seed before the next), 1 thread per
+# job: a stopped study leaves complete paired seeds. WORKERS processes (default 2) take each seed's tasks in
+# opposite orders; each run folder's lock keeps two of them off the same run. Resumable: run it again.
+# STUDY=paper_selector_depth_cpu for the depth and granularity part; SEEDS and TASKS narrow it.
+# Tables: make tables (results/paper/selector_study.md).
 set -u
 BIN=${BIN:-.venv/bin}
 STUDY=${STUDY:-paper_selector_cpu}
-for seed in 0 1 2 3 4; do
-  "$BIN/sparsetune" paper --stage ablation --ablation "$STUDY" ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} \
-    train.threads=1 "hydra.sweeper.params.seed=$seed" || exit $?
-done
+WORKERS=${WORKERS:-2}
+SEEDS=${SEEDS:-0 1 2 3 4}
+TASKS=${TASKS:-srl,banking77,trec,intent}
+REVERSED=$(echo "$TASKS" | tr ',' '\n' | tac | paste -sd, -)
+ORDERS=("$TASKS" "$REVERSED")
+worker() {  # $1: worker number
+  for seed in $SEEDS; do
+    "$BIN/sparsetune" paper --stage ablation --ablation "$STUDY" ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} \
+      train.threads=1 "hydra.sweeper.params.seed=$seed" "hydra.sweeper.params.task='${ORDERS[$(($1 % 2))]}'" \
+      || return $?
+  done
+}
+trap 'kill 0' INT TERM
+for i in $(seq 0 $((WORKERS - 1))); do worker "$i" & done
+wait
