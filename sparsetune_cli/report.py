@@ -238,6 +238,44 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     return out.sort_values(["task", "depth", "granularity", "budget", "selector"]).reset_index(drop=True)
 
 
+def selector_verdict(study: pd.DataFrame, min_tasks: int = 3) -> tuple[pd.DataFrame, str, str]:
+    """The issue's rule for the default selector, from selector_study's table. A token-driven selector that beats
+    both random and magnitude on at least `min_tasks` tasks at one setting (budget, depth, granularity) becomes the
+    default; failing that, the selector with the best mean validation score over the main part's cells (depth 2,
+    rows: the (task, budget) cells where every selector ran, as many seeds each) does. Returns (per-selector table, default, why)."""
+    main = study[(study.depth == "2") & (study.granularity == "rows")]
+    ran = main.groupby(["task", "budget"], observed=True).selector.transform("nunique")
+    common = main[ran == main.selector.nunique()]   # cells where every selector ran
+    common = common[common.groupby(["task", "budget"], observed=True).seeds.transform("nunique") == 1]
+    rows, counts = [], {}
+    for sel, runs in study.groupby("selector"):
+        won = runs[runs["beats both"]]
+        for setting, tasks in won.groupby(["budget", "depth", "granularity"]).task:
+            counts[(sel, *setting)] = tasks.nunique()
+        mine = common[common.selector == sel]
+        rows.append({"selector": sel, "main cells": len(mine),
+                     "mean validation": round(mine.validation.mean(), 4) if len(mine) else np.nan,
+                     "mean test": round(mine.test.mean(), 4) if len(mine) else np.nan,
+                     "beats both (task budget depth granularity)": "; ".join(
+                         f"{r.task} {100 * r.budget:g}% {r.depth} {r.granularity}" for r in won.itertuples())})
+    table = pd.DataFrame(rows).sort_values("mean validation", ascending=False, na_position="last")
+    if table.empty:
+        return table, "", "no runs"
+    best = max(counts.items(), key=lambda kv: kv[1], default=(None, 0))
+    if best[1] >= min_tasks:
+        (sel, budget, depth, gran), n = best
+        return table, sel, (f"{sel} beats random and magnitude (95% intervals above 0) on {n} tasks at "
+                            f"{100 * budget:g}%, depth {depth}, {gran}")
+    top = table.iloc[0]
+    if not top["main cells"]:
+        return table, "", "no main cell has every selector at as many seeds yet"
+    most = (f"at most {best[1]} task{'s' if best[1] != 1 else ''}, {best[0][0]}" if best[0] else
+            "on no task at all")
+    return table, top.selector, (f"no token-driven selector beats random and magnitude on {min_tasks} tasks at any "
+                                 f"setting ({most}); {top.selector} has the best mean validation score over the "
+                                 f"{int(top['main cells'])} main cells ({top['mean validation']:.4f})")
+
+
 def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
     """Paired difference against random (95% interval; a bare point while a cell has one seed) by budget, one line
     per selector, one panel per task that has random runs (depth 2, rows: the main part of the study)."""
@@ -420,13 +458,19 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
     if runs:
         tasks = list(dict.fromkeys(t for p in study for t in p.tasks))
         sdf = frame(runs)
-        save("selector_study", selector_study(sdf, tasks),
+        study_table = selector_study(sdf, tasks)
+        save("selector_study", study_table,
              f"Selector study, experiment={', '.join(p.experiment for p in study)}: which rows to train",
              "Test headline metric, mean over seeds, per task, budget (fraction of backbone parameters), depth "
              "(top blocks; auto: chosen by the probe) and granularity. `vs random` / `vs magnitude`: the mean "
              "paired difference (same seed: same training sample, data order and head) with its 95% t interval. "
              "`beats both`: both intervals lie above 0. Validation means are what a default is chosen on.",
              index=False)
+        verdict, default, why = selector_verdict(study_table)
+        save("selector_verdict", verdict, "Selector study: which selector the evidence makes the default",
+             f"`main cells`: (task, budget) cells at depth 2, rows that every selector ran; the means are over "
+             f"them. `beats both`: the settings where the selector's paired 95% intervals against random and "
+             f"magnitude both lie above 0.\n\n**Default by the rule: {default}**: {why}.", index=False)
         fig = selector_plot(sdf, tasks, out)
         written.extend([fig] if fig else [])
     stab = stability_table(df, plan.tasks, plan.methods)

@@ -113,6 +113,36 @@ def test_selector_study_pairs_seeds_and_gives_a_95_interval():
     assert better.set_index("selector").loc["token", "beats both"]
 
 
+def test_selector_verdict_follows_the_issues_rule():
+    """A token-driven selector becomes the default only where it beats both controls on 3 tasks at one setting;
+    otherwise the best mean validation over the balanced main cells wins, even a control."""
+    import pandas as pd
+    from sparsetune_cli.report import selector_study, selector_verdict
+    rng = np.random.default_rng(1)
+
+    def tasks(effects, names):
+        noise = {(s, i): float(rng.normal(0, 0.002)) for s in effects for i in range(5)}
+        return pd.concat([study_frame(effects, noise=noise).assign(task=t) for t in names])
+    strong = {"token": 0.03, "token_fisher": 0.02, "random": 0.0, "magnitude": 0.0}
+    three = selector_study(tasks(strong, ["srl", "trec", "intent"]), ["srl", "trec", "intent"])
+    table, default, why = selector_verdict(three)
+    assert default == "token" and why.startswith("token beats random and magnitude") and "on 3 tasks at 0.1%" in why
+    two = selector_study(pd.concat([tasks(strong, ["srl", "trec"]),
+                                    tasks({"token": -0.02, "token_fisher": -0.03, "random": 0.0, "magnitude": 0.01},
+                                          ["intent"])]), ["srl", "trec", "intent"])
+    table, default, why = selector_verdict(two)
+    assert default == "token" and why.startswith("no token-driven selector") and "at most 2 tasks" in why
+    assert table.set_index("selector").loc["token", "main cells"] == 3
+    weak = {"token": 0.0, "token_fisher": 0.001, "random": 0.002, "magnitude": 0.03}
+    table, default, why = selector_verdict(selector_study(tasks(weak, ["srl", "banking77", "trec"]),
+                                                          ["srl", "banking77", "trec"]))
+    assert default == "magnitude" and "on no task at all" in why
+    # a cell where one selector has an extra seed is not a main cell (its mean would not compare)
+    extra = pd.concat([tasks(weak, ["srl"]), study_frame({"token": 0.5}, seeds=(5,))])
+    table, default, why = selector_verdict(selector_study(extra, ["srl"]))
+    assert table["main cells"].max() == 0 and default == "" and why.startswith("no main cell")
+
+
 def test_stability_and_convergence_tables():
     import pandas as pd
     from sparsetune_cli.record import RunRecord
