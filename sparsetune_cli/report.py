@@ -58,7 +58,10 @@ def frame(records: list[RunRecord]) -> pd.DataFrame:
     for r in records:
         row = flatten(r)
         m = r.config["method"]
-        row.update(lr=m["lr"], selector=m.get("selector"), budget=m.get("budget"),
+        selector = m.get("selector")
+        if m.get("probe_head_steps"):   # a variant of its selector: the probe ran through a fitted head
+            selector = f"{selector}+head{m['probe_head_steps']}"
+        row.update(lr=m["lr"], selector=selector, budget=m.get("budget"),
                    depth=str(m.get("depth")), granularity=m.get("granularity", "rows"),
                    threads=str(r.config["train"].get("threads")),
                    test=r.headline("test"), validation=r.headline("validation"))
@@ -197,6 +200,10 @@ TOKEN_DRIVEN = ("token", "token_fisher", "token_contrastive", "token_x_weight")
 CONTROLS = ("random", "magnitude")
 
 
+def token_driven(selector: str) -> bool:
+    return selector.split("+")[0] in TOKEN_DRIVEN   # token_fisher+head64 too
+
+
 def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, float, int]:
     """Mean of a - b over the seeds both have, with a 95% t interval: (mean, low, high, n)."""
     from scipy import stats
@@ -223,7 +230,7 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
             wins = []
             for control in CONTROLS:
                 row[f"vs {control}"] = ""
-                if sel in TOKEN_DRIVEN and control in test.columns:
+                if token_driven(sel) and control in test.columns:
                     mean, low, high, n = paired_difference(test[sel], test[control])
                     row[f"vs {control}"] = (f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n})" if n > 1 else
                                             f"{mean:+.4f} (n=1, no interval)" if n == 1 else "")
@@ -242,10 +249,14 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3) -> tuple[pd.DataFr
     """The issue's rule for the default selector, from selector_study's table. A token-driven selector that beats
     both random and magnitude on at least `min_tasks` tasks at one setting (budget, depth, granularity) becomes the
     default; failing that, the selector with the best mean validation score over the main part's cells (depth 2,
-    rows: the (task, budget) cells where every selector ran, as many seeds each) does. Returns (per-selector table, default, why)."""
+    rows: the (task, budget) cells where every selector that ran at every budget ran, as many seeds each) does. Returns (per-selector table, default, why)."""
     main = study[(study.depth == "2") & (study.granularity == "rows")]
+    cells = main.groupby(["task", "budget"], observed=True).selector.apply(frozenset)
+    cells = cells[cells.apply(lambda c: set(CONTROLS) <= c)]   # a cell of the study has its controls
+    everywhere = frozenset.intersection(*cells) if len(cells) else frozenset()   # not a one-budget variant
+    main = main[main.selector.isin(everywhere)]
     ran = main.groupby(["task", "budget"], observed=True).selector.transform("nunique")
-    common = main[ran == main.selector.nunique()]   # cells where every selector ran
+    common = main[ran == len(everywhere)]   # cells where every such selector ran
     common = common[common.groupby(["task", "budget"], observed=True).seeds.transform("nunique") == 1]
     rows, counts = [], {}
     for sel, runs in study.groupby("selector"):
@@ -287,9 +298,11 @@ def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
     if not present:
         return None
     fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.6), squeeze=False, sharey=True)
-    selectors = [s for s in (*TOKEN_DRIVEN, "magnitude") if s in set(main.selector)]
-    colors = dict(zip(selectors, ["C3" if s == "token" else c for s, c in
-                                  zip(selectors, ["C0", "C1", "C2", "C4", "C5", "C6"])]))
+    selectors = sorted((s for s in set(main.selector) if token_driven(s)),
+                       key=lambda s: (TOKEN_DRIVEN.index(s.split("+")[0]), s))
+    selectors += ["magnitude"] if "magnitude" in set(main.selector) else []
+    others = iter(["C0", "C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9"])
+    colors = {s: "C3" if s == "token" else next(others) for s in selectors}
     for ax, task in zip(axes[0], present):
         cell = main[main.task == task]
         budgets = sorted(set(cell.budget))

@@ -224,6 +224,7 @@ def test_a_refused_command_leaves_every_file_of_the_run_as_it_was(tmp_path, data
     ("train.progress=maybe", "train.progress='maybe' is not valid: expected true or false"),
     ("method.budget=lots", "method.budget='lots' is not valid: expected a number"),
     ("method.probe_batches=0", "method.probe_batches=0 is out of range"),
+    ("method.probe_head_steps=-1", "method.probe_head_steps=-1 is out of range"),
     ("method.selector=best", "method.selector='best': choose one of"),
 ])
 def test_a_value_of_the_wrong_type_names_its_key_in_one_line(tmp_path, override, message):

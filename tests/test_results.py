@@ -137,6 +137,14 @@ def test_selector_verdict_follows_the_issues_rule():
     table, default, why = selector_verdict(selector_study(tasks(weak, ["srl", "banking77", "trec"]),
                                                           ["srl", "banking77", "trec"]))
     assert default == "magnitude" and "on no task at all" in why
+    # a variant run at one budget only is judged by the rule, not ranked on cells it did not run
+    other_budget = pd.concat([tasks(strong, ["srl", "trec", "intent"]),
+                              tasks(strong, ["srl", "trec", "intent"]).assign(budget=0.003),
+                              tasks({"token+head64": 0.05}, ["srl"])])
+    table, default, why = selector_verdict(selector_study(other_budget, ["srl", "trec", "intent"]))
+    table = table.set_index("selector")
+    assert table.loc["token+head64", "main cells"] == 0 and table.loc["token", "main cells"] == 6
+    assert table.loc["token+head64", "beats both (task budget depth granularity)"] == "srl 0.1% 2 rows"
     # a cell where one selector has an extra seed is not a main cell (its mean would not compare)
     extra = pd.concat([tasks(weak, ["srl"]), study_frame({"token": 0.5}, seeds=(5,))])
     table, default, why = selector_verdict(selector_study(extra, ["srl"]))

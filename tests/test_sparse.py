@@ -255,3 +255,23 @@ def test_column_delta_gradients_match_autograd_of_the_plain_formula():
     got = torch.autograd.grad(y, (x, layer.delta), g)
     want = torch.autograd.grad(reference, (x, layer.delta), g)
     assert all(torch.allclose(a, b) for a, b in zip(got, want))
+
+
+def test_a_head_fitted_before_the_probe_changes_the_rows_not_the_head(data_dir):
+    """probe_head_steps: the probe's gradients pass through a head fitted on the probe batches, which moves the
+    choice of rows; training then starts from the seed's own head, as it does for every other selector."""
+    chosen = {}
+    for steps in (0, 20):
+        cfg, tok, data, ds, collator, context = setup("tiny-encoder", "sparse", data_dir,
+                                                      ["method.budget=0.005", "method.probe_batches=2",
+                                                       f"method.probe_head_steps={steps}", "method.lr=0.05"])
+        model = load_model(cfg.backbone, len(data.labels), tok, seed=0)
+        head = {n: p.detach().clone() for n, p in model.named_parameters() if is_head(n)}
+        model = get_method(cfg.method).prepare(model, context=context)
+        after = {n: p for n, p in model.named_parameters() if is_head(n)}
+        assert head.keys() == after.keys() and all(torch.equal(head[n], after[n]) for n in head)
+        assert all(p.requires_grad for p in after.values())
+        chosen[steps] = json.dumps({n: m.rows.tolist() for n, m in model.named_modules()
+                                    if isinstance(m, DeltaLinear)}, sort_keys=True)
+    assert chosen[0] != chosen[20]
+

@@ -184,6 +184,7 @@ class Sparse(Method):
         min_count: int = 3
         max_ngram: int = 3
         probe_batches: int = 16
+        probe_head_steps: int = 0
         frozen_dropout: bool = False
         embeddings: bool = False
 
@@ -203,6 +204,8 @@ class Sparse(Method):
         for key in ("num_groups", "min_count", "max_ngram", "probe_batches"):
             if cfg[key] < 1:
                 raise UserError(f"method.{key}={cfg[key]} is out of range: allowed >= 1")
+        if cfg.get("probe_head_steps", 0) < 0:
+            raise UserError(f"method.probe_head_steps={cfg.probe_head_steps} is out of range: allowed >= 0")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -309,6 +312,29 @@ class Sparse(Method):
         state["per_block_params"] = _per_block(picked, linears, model, columns)
         return state
 
+    def fit_head(self, model, batches: list[dict]) -> dict[str, torch.Tensor]:
+        """probe_head_steps AdamW steps on the head alone (the backbone frozen, no dropout) over the probe
+        batches, so that the probe's gradients flow back through a head that has begun to separate the classes
+        instead of a random one. Returns the head's initial weights; the probe restores them afterwards."""
+        head = {nm: p for nm, p in model.named_parameters() if is_head(nm)}
+        init = {nm: p.detach().clone() for nm, p in head.items()}
+        flags = {nm: p.requires_grad for nm, p in model.named_parameters()}
+        for nm, p in model.named_parameters():
+            p.requires_grad_(nm in head)
+        was_training = model.training
+        model.eval()
+        opt = torch.optim.AdamW(head.values(), lr=self.cfg.lr, weight_decay=0.0)
+        try:
+            for step in range(self.cfg.probe_head_steps):
+                opt.zero_grad(set_to_none=True)
+                model(**batches[step % len(batches)]).loss.backward()
+                opt.step()
+        finally:
+            model.train(was_training)
+            for nm, p in model.named_parameters():
+                p.requires_grad_(flags[nm])
+        return init
+
     def probe(self, model, context, groups, linears, rng, lowest: int = 0):
         """Accumulate the selector's score per output row and per input column of every linear layer in the
         blocks from `lowest` up: the backward pass starts at that block's input and costs nothing below it.
@@ -373,6 +399,9 @@ class Sparse(Method):
         def block_entry(module, args):
             return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
 
+        batches = [list(range(start, min(n, start + bs))) for start in range(0, n, bs)]
+        head_init = self.fit_head(model, [collator([train[int(idx[i])] for i in b]) for b in batches]) \
+            if cfg.get("probe_head_steps", 0) else None
         for b, name, m in linears:
             if b >= lowest:
                 handles.append(m.register_forward_hook(keep_input(name, m.weight)))
@@ -387,8 +416,7 @@ class Sparse(Method):
         for p in model.parameters():
             p.requires_grad_(False)
         try:
-            for start in range(0, n, bs):
-                batch_idx = list(range(start, min(n, start + bs)))
+            for batch_idx in batches:
                 batch = collator([train[int(idx[i])] for i in batch_idx])
                 length = batch["input_ids"].shape[1]
                 if groups is not None and kind != "all_positions":
@@ -411,6 +439,11 @@ class Sparse(Method):
             model.train(was_training)
             for nm, p in model.named_parameters():
                 p.requires_grad_(flags[nm])
+            if head_init is not None:   # training starts from the seed's head, as with every other selector
+                with torch.no_grad():
+                    for nm, p in model.named_parameters():
+                        if nm in head_init:
+                            p.copy_(head_init[nm])
         emb_scores = None
         if cfg.embeddings and vocab_grad:
             ids = np.array(sorted(vocab_grad))
