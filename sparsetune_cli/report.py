@@ -58,9 +58,11 @@ def frame(records: list[RunRecord]) -> pd.DataFrame:
     for r in records:
         row = flatten(r)
         m = r.config["method"]
-        selector = m.get("selector")
-        if m.get("probe_head_steps"):   # a variant of its selector: the probe ran through a fitted head
-            selector = f"{selector}+head{m['probe_head_steps']}"
+        selector = m.get("selector")   # + the probe's variants: through a fitted head, scoring the readout too
+        if m.get("probe_head_steps"):
+            selector += f"+head{m['probe_head_steps']}"
+        if m.get("probe_readout"):
+            selector += "+readout"
         row.update(lr=m["lr"], selector=selector, budget=m.get("budget"),
                    depth=str(m.get("depth")), granularity=m.get("granularity", "rows"),
                    threads=str(r.config["train"].get("threads")),

@@ -275,3 +275,30 @@ def test_a_head_fitted_before_the_probe_changes_the_rows_not_the_head(data_dir):
                                     if isinstance(m, DeltaLinear)}, sort_keys=True)
     assert chosen[0] != chosen[20]
 
+
+
+def test_the_readout_is_cls_for_encoders_and_the_last_real_token_for_decoders():
+    from types import SimpleNamespace
+    from sparsetune_cli.methods.sparse import readout_positions
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert readout_positions(SimpleNamespace(score=None), mask).tolist() == [2, 4, 4]   # right and left padding
+    assert readout_positions(SimpleNamespace(classifier=None), mask).tolist() == [0, 0, 0]
+
+
+def test_scoring_the_readout_lets_the_top_blocks_feed_forward_compete(data_dir, monkeypatch):
+    """Without the readout the top block's feed-forward rows score 0 (group positions' outputs there never reach
+    the loss, which reads [CLS]); with it they score."""
+    import sparsetune_cli.methods.sparse as sparse
+    scores, choose = {}, sparse._choose
+    monkeypatch.setattr(sparse, "_choose", lambda s, *a, **k: scores.update(s) or choose(s, *a, **k))
+    top_ffn = {}
+    for readout in (False, True):
+        cfg, tok, data, ds, collator, context = setup("tiny-encoder", "sparse", data_dir,
+                                                      ["method.probe_batches=2", "method.depth=1",
+                                                       f"method.probe_readout={readout}"])
+        get_method(cfg.method).prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
+        top = transformer_blocks(load_model(cfg.backbone, len(data.labels), tok))[-1][0]
+        top_ffn[readout] = [float(v.max()) for n, v in scores.items()
+                            if n.startswith(top + ".") and ("intermediate" in n or n.endswith(".output.dense"))
+                            and "attention" not in n]
+    assert len(top_ffn[True]) == 2 and max(top_ffn[False]) == 0 and min(top_ffn[True]) > 0

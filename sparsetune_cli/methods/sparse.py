@@ -164,6 +164,16 @@ def block_linears(model) -> list[tuple[int, str, nn.Linear]]:
     return out
 
 
+def readout_positions(model, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per example, the position the classification head reads: the last non-pad token for decoder classifiers
+    (a `score` head, as Hugging Face's causal-LM classifiers), else the first ([CLS]). In the top block only
+    this position's outputs reach the loss, so a probe that skips it cannot score that block's feed-forward."""
+    if hasattr(model, "score"):
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).int().argmax(1)   # either padding side
+        return last
+    return torch.zeros(len(attention_mask), dtype=torch.long)
+
+
 def _replace(model, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -185,6 +195,7 @@ class Sparse(Method):
         max_ngram: int = 3
         probe_batches: int = 16
         probe_head_steps: int = 0
+        probe_readout: bool = False
         frozen_dropout: bool = False
         embeddings: bool = False
 
@@ -431,6 +442,8 @@ class Sparse(Method):
                             mask[row, :len(m)] = torch.from_numpy(m)
                 else:
                     mask = batch["attention_mask"].float()
+                if cfg.get("probe_readout", False):
+                    mask[torch.arange(len(mask)), readout_positions(model, batch["attention_mask"])] = 1.0
                 current["mask"] = mask
                 model(**batch).loss.backward()
         finally:
