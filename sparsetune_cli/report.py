@@ -4,6 +4,7 @@ Aggregation only: every number comes from a metrics.json read through record.Run
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -303,7 +304,7 @@ def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
     selectors = sorted((s for s in set(main.selector) if token_driven(s)),
                        key=lambda s: (TOKEN_DRIVEN.index(s.split("+")[0]), s))
     selectors += ["magnitude"] if "magnitude" in set(main.selector) else []
-    others = iter(["C0", "C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9"])
+    others = itertools.cycle(f"C{i}" for i in (0, 1, 2, 4, 5, 6, 7, 8, 9))
     colors = {s: "C3" if s == "token" else next(others) for s in selectors}
     for ax, task in zip(axes[0], present):
         cell = main[main.task == task]

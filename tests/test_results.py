@@ -171,7 +171,8 @@ def test_stability_and_convergence_tables():
 def test_selector_plot_draws_the_tasks_that_have_random_runs(tmp_path):
     import pandas as pd
     from sparsetune_cli.report import selector_plot
-    df = pd.concat([study_frame({"token": 0.02, "random": 0.0, "magnitude": 0.01}),
+    variants = {f"token+head{k}": 0.01 * k for k in range(12)}   # more lines than colors
+    df = pd.concat([study_frame({"token": 0.02, "random": 0.0, "magnitude": 0.01, **variants}),
                     study_frame({"token": 0.03}).assign(task="trec")])   # trec has no random runs yet
     assert selector_plot(df, ["srl", "trec"], tmp_path) == tmp_path / "selector_study.png"
     assert (tmp_path / "selector_study.png").stat().st_size > 0
