@@ -304,8 +304,8 @@ def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
     selectors = sorted((s for s in set(main.selector) if token_driven(s)),
                        key=lambda s: (TOKEN_DRIVEN.index(s.split("+")[0]), s))
     selectors += ["magnitude"] if "magnitude" in set(main.selector) else []
-    others = itertools.cycle(f"C{i}" for i in (0, 1, 2, 4, 5, 6, 7, 8, 9))
-    colors = {s: "C3" if s == "token" else next(others) for s in selectors}
+    others = itertools.cycle(f"C{i}" for i in (0, 1, 2, 4, 5, 6, 8, 9))   # C3: token; gray: magnitude
+    colors = {s: "C3" if s == "token" else "0.45" if s == "magnitude" else next(others) for s in selectors}
     for ax, task in zip(axes[0], present):
         cell = main[main.task == task]
         budgets = sorted(set(cell.budget))
@@ -332,9 +332,14 @@ def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
         ax.set_xlabel("budget (share of backbone parameters)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test: selector - random (paired, 95% CI)")
-    axes[0][0].legend(fontsize=7)
+    labels = {}   # every panel's lines: the probe variants ran on some tasks only
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    fig.legend([labels[s] for s in selectors if s in labels], [s for s in selectors if s in labels], fontsize=7,
+               loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(out / "selector_study.png", dpi=120)
+    fig.savefig(out / "selector_study.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out / "selector_study.png"
 
