@@ -84,6 +84,26 @@ class _Stop(Exception):
     """Raised once the last frozen block has run: the rest of the forward is not needed to build the cache."""
 
 
+def bottom_output(model, batch: dict, last: torch.nn.Module | None = None) -> torch.Tensor:
+    """The output of the frozen bottom's last module (by default frozen_bottom's) for one batch; nothing above it
+    runs."""
+    last = frozen_bottom(model)[-1][1] if last is None else last
+    captured = {}
+
+    def grab(module, args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+    handle = last.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
 def build(model, train, collator, batch_size: int, folder: Path) -> None:
     """Compute the bottom's output of every training row and store it in folder (written under a temporary name,
     then renamed: a partial cache never has the final name, and two jobs building at once both end well)."""
@@ -96,30 +116,19 @@ def build(model, train, collator, batch_size: int, folder: Path) -> None:
     try:
         out = np.lib.format.open_memmap(tmp / "hidden.npy", mode="w+", dtype=np.float32,
                                         shape=(int(offsets[-1]), hidden))
-        captured = {}
-
-        def grab(module, args, output):
-            captured["h"] = output[0] if isinstance(output, tuple) else output
-            raise _Stop
-        handle = last.register_forward_hook(grab)
         was_training = model.training
         model.eval()
         order = np.argsort(-lengths, kind="stable")   # similar lengths together: little padding
         device = next(model.parameters()).device
         try:
-            with torch.no_grad():
-                for start in range(0, len(order), batch_size):
-                    rows = [int(i) for i in order[start:start + batch_size]]
-                    batch = collator([{k: train[i][k] for k in train.column_names if k != "labels"} for i in rows])
-                    try:
-                        model(**{k: v.to(device) for k, v in batch.items() if k != INDEX})
-                    except _Stop:
-                        pass
-                    h = captured.pop("h").float().cpu().numpy()
-                    for j, i in enumerate(rows):
-                        out[offsets[i]:offsets[i + 1]] = h[j, :lengths[i]]
+            for start in range(0, len(order), batch_size):
+                rows = [int(i) for i in order[start:start + batch_size]]
+                batch = collator([{k: train[i][k] for k in train.column_names if k != "labels"} for i in rows])
+                h = bottom_output(model, {k: v.to(device) for k, v in batch.items() if k != INDEX}, last)
+                h = h.float().cpu().numpy()
+                for j, i in enumerate(rows):
+                    out[offsets[i]:offsets[i + 1]] = h[j, :lengths[i]]
         finally:
-            handle.remove()
             model.train(was_training)
         out.flush()
         del out
@@ -150,15 +159,14 @@ def problem(folder: Path) -> str | None:
     return None
 
 
-class BottomCache:
-    """Built caches attached to a model: a collator that adds each batch's cached bottom output, and the bottom
-    modules switched to use it when it is there. One store per split; a row's index counts across them in order."""
+class Replay:
+    """The frozen bottom switched to replay its output: while a batch that carries it under KEY runs, the embeddings
+    return zeros, the frozen blocks below the last pass their input through, and the last returns the given output.
+    Batches without it run the whole model. remove() restores the modules."""
 
-    def __init__(self, folders: list[Path], model, collator):
-        self.stores = [(np.load(f / "hidden.npy", mmap_mode="r"), np.load(f / "offsets.npy")) for f in folders]
-        self.starts = np.cumsum([0] + [len(offsets) - 1 for _, offsets in self.stores])
-        self.base_collator = collator
+    def __init__(self, model):
         self.current: torch.Tensor | None = None
+        self.originals = []
         bottom = frozen_bottom(model)
         blocks = {n for n, _ in transformer_blocks(model)}
         last = bottom[-1][1]
@@ -169,11 +177,12 @@ class BottomCache:
                 self._patch(module, lambda module, hidden, *a, **k: hidden)   # the cached output replaces it anyway
             else:   # embeddings: only the shape matters to the code that follows
                 self._patch(module, lambda module, *a, **k: self.current.new_zeros(self.current.shape))
-        model.register_forward_pre_hook(self._take, with_kwargs=True)
-        model.register_forward_hook(self._clear)
+        self.hooks = [model.register_forward_pre_hook(self._take, with_kwargs=True),
+                      model.register_forward_hook(self._clear)]
 
     def _patch(self, module, replacement) -> None:
         original = module.forward
+        self.originals.append((module, "forward" in vars(module), original))
 
         def forward(mod, *args, **kwargs):
             return replacement(mod, *args, **kwargs) if self.current is not None else original(*args, **kwargs)
@@ -186,6 +195,26 @@ class BottomCache:
     def _clear(self, model, args, output):
         # the backward pass needs no bottom: only the forward reads the cached tensor
         self.current = None
+
+    def remove(self) -> None:
+        for module, own, original in reversed(self.originals):
+            if own:
+                module.forward = original
+            else:
+                del module.forward   # back to the class's method
+        for hook in self.hooks:
+            hook.remove()
+
+
+class BottomCache:
+    """Built caches attached to a model: a collator that adds each batch's cached bottom output, and the bottom
+    modules switched to use it when it is there. One store per split; a row's index counts across them in order."""
+
+    def __init__(self, folders: list[Path], model, collator):
+        self.stores = [(np.load(f / "hidden.npy", mmap_mode="r"), np.load(f / "offsets.npy")) for f in folders]
+        self.starts = np.cumsum([0] + [len(offsets) - 1 for _, offsets in self.stores])
+        self.base_collator = collator
+        self.replay = Replay(model)
 
     def rows(self, i: int) -> np.ndarray:
         store = int(np.searchsorted(self.starts, i, side="right")) - 1

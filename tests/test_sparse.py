@@ -302,3 +302,25 @@ def test_scoring_the_readout_lets_the_top_blocks_feed_forward_compete(data_dir, 
                             if n.startswith(top + ".") and ("intermediate" in n or n.endswith(".output.dense"))
                             and "attention" not in n]
     assert len(top_ffn[True]) == 2 and max(top_ffn[False]) == 0 and min(top_ffn[True]) > 0
+
+
+@pytest.mark.parametrize("backbone", ["tiny-encoder", "tiny-decoder"])
+def test_the_head_fit_replays_the_frozen_backbone_with_the_same_result(backbone, data_dir, monkeypatch):
+    """fit_head runs the backbone once per probe batch and replays its output, so a step runs the head alone; the
+    head it fits is the one whole-model steps fit, and the model's modules are plain again afterwards."""
+    import copy
+    from sparsetune_cli import bottom_cache
+    cfg, tok, data, ds, collator, context = setup(backbone, "sparse", data_dir, ["method.probe_head_steps=6",
+                                                                                "method.lr=0.05"])
+    model = load_model(cfg.backbone, len(data.labels), tok)
+    batches = [collator([ds["train"][i] for i in range(start, start + 8)]) for start in (0, 8, 16)]
+    replayed, whole = copy.deepcopy(model), copy.deepcopy(model)
+    get_method(cfg.method).fit_head(replayed, batches)
+    monkeypatch.setattr(bottom_cache, "FAMILIES", ())   # a family the cache does not know: whole-model steps
+    get_method(cfg.method).fit_head(whole, batches)
+    fitted = {n: p for n, p in replayed.named_parameters() if is_head(n)}
+    assert any(not torch.equal(p, dict(model.named_parameters())[n]) for n, p in fitted.items())
+    for n, p in whole.named_parameters():
+        torch.testing.assert_close(dict(replayed.named_parameters())[n], p, rtol=1e-4, atol=1e-5)
+    assert not any("forward" in vars(m) for m in replayed.modules())
+    assert not replayed._forward_hooks and not replayed._forward_pre_hooks

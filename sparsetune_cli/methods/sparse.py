@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import bottom_cache
 from ..errors import UserError
 from ..formats import encode
 from ..models import is_head, transformer_blocks
@@ -335,12 +336,19 @@ class Sparse(Method):
         was_training = model.training
         model.eval()
         opt = torch.optim.AdamW(head.values(), lr=self.cfg.lr, weight_decay=0.0)
+        # the frozen backbone's output of each batch is computed once and replayed, so a step runs the head alone
+        # (for the block families the frozen-bottom cache knows; others run the whole model every step)
+        replay = bottom_cache.Replay(model) if model.config.model_type in bottom_cache.FAMILIES else None
         try:
+            if replay is not None:
+                batches = [{**b, bottom_cache.KEY: bottom_cache.bottom_output(model, b)} for b in batches]
             for step in range(self.cfg.probe_head_steps):
                 opt.zero_grad(set_to_none=True)
                 model(**batches[step % len(batches)]).loss.backward()
                 opt.step()
         finally:
+            if replay is not None:
+                replay.remove()
             model.train(was_training)
             for nm, p in model.named_parameters():
                 p.requires_grad_(flags[nm])
