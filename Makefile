@@ -63,12 +63,14 @@ paper-tables: install
 paper-full: install
 	BIN=$(BIN) bash scripts/paper_full.sh
 
-# The selector study (configs/experiment/paper_selector_cpu.yaml, then its probe-head, readout, depth and
-# columns parts), seed by seed, 1 thread per job; resumable. Tables: `make tables` (results/paper/selector_study.md).
+# The selector study (configs/experiment/paper_selector_cpu.yaml, then its probe-head, readout, allocation,
+# depth and columns parts), seed by seed, 1 thread per job; resumable. Tables: `make tables`
+# (results/paper/selector_study.md).
 selector-study: install
 	BIN=$(BIN) bash scripts/selector_study.sh
 	BIN=$(BIN) STUDY=paper_selector_head_cpu bash scripts/selector_study.sh
 	BIN=$(BIN) STUDY=paper_selector_readout_cpu bash scripts/selector_study.sh
+	BIN=$(BIN) STUDY=paper_selector_even_cpu bash scripts/selector_study.sh
 	BIN=$(BIN) STUDY=paper_selector_depth_cpu bash scripts/selector_study.sh
 	BIN=$(BIN) STUDY=paper_selector_columns_cpu bash scripts/selector_study.sh
 

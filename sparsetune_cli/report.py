@@ -64,6 +64,8 @@ def frame(records: list[RunRecord]) -> pd.DataFrame:
             selector += f"+head{m['probe_head_steps']}"
         if m.get("probe_readout"):
             selector += "+readout"
+        if m.get("allocation") not in (None, "by_score"):
+            selector += f"+{m['allocation']}"
         row.update(lr=m["lr"], selector=selector, budget=m.get("budget"),
                    depth=str(m.get("depth")), granularity=m.get("granularity", "rows"),
                    threads=str(r.config["train"].get("threads")),

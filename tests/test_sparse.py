@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from conftest import run_tiny
 from sparsetune_cli.methods import count_params, get_method
-from sparsetune_cli.methods.sparse import SELECTORS, DeltaLinear
+from sparsetune_cli.methods.sparse import SELECTORS, DeltaLinear, block_linears
 from sparsetune_cli.models import is_head, load_model, transformer_blocks
 from sparsetune_cli.predict import load_run, merge
 from test_methods import setup
@@ -324,3 +324,24 @@ def test_the_head_fit_replays_the_frozen_backbone_with_the_same_result(backbone,
         torch.testing.assert_close(dict(replayed.named_parameters())[n], p, rtol=1e-4, atol=1e-5)
     assert not any("forward" in vars(m) for m in replayed.modules())
     assert not replayed._forward_hooks and not replayed._forward_pre_hooks
+
+
+
+def test_even_allocation_gives_every_top_matrix_the_same_share(data_dir):
+    """allocation=even: each matrix of the top blocks trains the same share of its rows (to one row), where one
+    ranking of all rows (by_score) concentrates them; it refuses embeddings=true, which has no such share."""
+    from sparsetune_cli.errors import UserError
+    shares = {}
+    for allocation in ("by_score", "even"):
+        cfg, tok, data, ds, collator, context = setup("tiny-encoder", "sparse", data_dir,
+                                                      ["method.budget=0.01", "method.probe_batches=2",
+                                                       f"method.allocation={allocation}"])
+        model = get_method(cfg.method).prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
+        top = [n for b, n, _ in block_linears(model) if b >= len(transformer_blocks(model)) - 2]
+        rows = {n: m for n, m in model.named_modules() if isinstance(m, DeltaLinear)}
+        shares[allocation] = [len(rows[n].rows) / rows[n].weight.shape[0] if n in rows else 0.0 for n in top]
+    assert min(shares["even"]) > 0 and max(shares["even"]) - min(shares["even"]) < 1 / 16
+    assert max(shares["by_score"]) - min(shares["by_score"]) > 0.1
+    cfg, *_ = setup("tiny-encoder", "sparse", data_dir, ["method.allocation=even", "method.embeddings=true"])
+    with pytest.raises(UserError, match="allocation=even"):
+        get_method(cfg.method).validate()

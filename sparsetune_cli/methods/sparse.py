@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 SELECTORS = ("token", "token_fisher", "token_contrastive", "token_x_weight", "all_positions", "magnitude", "random")
 PROBED = {"token", "token_fisher", "token_contrastive", "token_x_weight", "all_positions"}
 GRANULARITIES = ("rows", "columns")
+# How the budget is shared among matrices: by_score, one ranking of every row of every matrix (the default), or
+# even, every matrix the same share of its rows, its best-scoring ones (the selector then only says which rows).
+ALLOCATIONS = ("by_score", "even")
 AUTO_DEPTH_SHARE = 0.75   # depth=auto: the fewest top blocks that hold this share of an all-block selection
 
 
@@ -197,6 +200,7 @@ class Sparse(Method):
         probe_batches: int = 16
         probe_head_steps: int = 0
         probe_readout: bool = False
+        allocation: str = "by_score"
         frozen_dropout: bool = False
         embeddings: bool = False
 
@@ -216,6 +220,11 @@ class Sparse(Method):
         for key in ("num_groups", "min_count", "max_ngram", "probe_batches"):
             if cfg[key] < 1:
                 raise UserError(f"method.{key}={cfg[key]} is out of range: allowed >= 1")
+        if cfg.get("allocation", "by_score") not in ALLOCATIONS:
+            raise UserError(f"method.allocation={cfg.allocation!r}: choose by_score or even")
+        if cfg.get("allocation", "by_score") == "even" and cfg.embeddings:
+            raise UserError("method.allocation=even shares the budget among linear layers: it cannot be used with "
+                            "method.embeddings=true")
         if cfg.get("probe_head_steps", 0) < 0:
             raise UserError(f"method.probe_head_steps={cfg.probe_head_steps} is out of range: allowed >= 0")
 
@@ -302,7 +311,8 @@ class Sparse(Method):
             share = np.cumsum(per_block[::-1]) / max(per_block.sum(), 1)
             depth = int(np.argmax(share >= AUTO_DEPTH_SHARE - 1e-9)) + 1
             extra["all_block_shares"] = [round(float(v), 4) for v in per_block / max(per_block.sum(), 1)]
-        picked = _choose(scores, linears, budget, columns, depth, emb_scores if cfg.embeddings else None, model)
+        picked = _choose(scores, linears, budget, columns, depth, emb_scores if cfg.embeddings else None, model,
+                         even=cfg.get("allocation", "by_score") == "even")
         used = sum(len(idx) * _unit_cost(model.get_submodule(name), columns) for name, idx in picked.items())
         if not picked:
             smallest = min(_unit_cost(m, columns) for _, _, m in linears)
@@ -491,9 +501,19 @@ def _emb_name(emb_scores) -> str | None:
 
 
 def _choose(scores: dict, linears, budget: int, columns: bool, depth: int, emb_scores=None,
-            model=None) -> dict[str, list[int]]:
-    """The best-scoring units of the top `depth` blocks (and embedding rows) whose parameters fit the budget."""
+            model=None, even: bool = False) -> dict[str, list[int]]:
+    """The best-scoring units of the top `depth` blocks (and embedding rows) whose parameters fit the budget; with
+    `even`, each matrix's best-scoring units, the same share of each matrix."""
     n_blocks = 1 + max(b for b, _, _ in linears)
+    if even:
+        top = [(name, m) for b, name, m in linears if b >= n_blocks - depth]
+        share = budget / sum(m.weight.numel() for _, m in top)
+        picked = {}
+        for name, m in top:
+            k = int(share * len(scores[name]))
+            if k:
+                picked[name] = sorted(int(i) for i in np.argsort(-scores[name].numpy(), kind="stable")[:k])
+        return dict(sorted(picked.items()))
     names, units, costs, values = [], [], [], []
     for b, name, m in linears:
         if b >= n_blocks - depth:
