@@ -10,8 +10,9 @@
 4. Training: W stays frozen; each selected row gets a trainable delta, y[..., rows] += x D^T.
 
 Variants for the selector study (README "Which rows"): other token-driven scores (per-example Fisher,
-label-evidence positions, gradient x weight), columns (input features) instead of rows, and a depth the
-probe chooses (depth=auto).
+label-evidence positions, gradient x weight), columns (input features) instead of rows, a depth the
+probe chooses (depth=auto), a probe through a head fitted first (probe_head_steps) or that also scores the
+position the head reads (probe_readout), and the same share of every matrix (allocation=even).
 """
 from __future__ import annotations
 
@@ -172,9 +173,8 @@ def readout_positions(model, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per example, the position the classification head reads: the last non-pad token for decoder classifiers
     (a `score` head, as Hugging Face's causal-LM classifiers), else the first ([CLS]). In the top block only
     this position's outputs reach the loss, so a probe that skips it cannot score that block's feed-forward."""
-    if hasattr(model, "score"):
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).int().argmax(1)   # either padding side
-        return last
+    if hasattr(model, "score"):   # either padding side
+        return attention_mask.shape[1] - 1 - attention_mask.flip(1).int().argmax(1)
     return torch.zeros(len(attention_mask), dtype=torch.long)
 
 
