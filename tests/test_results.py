@@ -144,11 +144,23 @@ def test_selector_verdict_follows_the_issues_rule():
     table, default, why = selector_verdict(selector_study(other_budget, ["srl", "trec", "intent"]))
     table = table.set_index("selector")
     assert table.loc["token+head64", "main cells"] == 0 and table.loc["token", "main cells"] == 6
-    assert table.loc["token+head64", "beats both (task budget depth granularity)"] == "srl 0.1% 2 rows"
+    assert table.loc["token+head64", "beats both, 5+ seeds (task budget depth granularity)"] == "srl 0.1% 2 rows"
+    # wins with fewer than 5 seeds are not counted yet
+    few = selector_study(tasks(strong, ["srl", "trec", "intent"]).query("seed < 3"), ["srl", "trec", "intent"])
+    assert few.set_index(["task", "selector"]).loc[("srl", "token"), "beats both"]
+    assert selector_verdict(few)[2].startswith("no token-driven selector") and "on no task at all" in selector_verdict(few)[2]
     # a cell where one selector has an extra seed is not a main cell (its mean would not compare)
     extra = pd.concat([tasks(weak, ["srl"]), study_frame({"token": 0.5}, seeds=(5,))])
     table, default, why = selector_verdict(selector_study(extra, ["srl"]))
     assert table["main cells"].max() == 0 and default == "" and why.startswith("no main cell")
+
+
+def test_an_even_allocation_variant_is_paired_with_the_controls_of_its_allocation():
+    from sparsetune_cli.report import selector_study
+    df = study_frame({"token+even": 0.03, "random+even": 0.025, "magnitude+even": 0.02, "random": 0.0,
+                      "magnitude": 0.0})
+    row = selector_study(df, ["srl"]).set_index("selector").loc["token+even"]
+    assert row["vs random"].startswith("+0.0050") and row["vs magnitude"].startswith("+0.0100")
 
 
 def test_stability_and_convergence_tables():
