@@ -223,7 +223,8 @@ def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, float, 
 def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     """Per task, budget, depth and granularity: each selector's test mean over seeds and, for the token-driven
     ones, the paired difference (same seed: same training sample, data order and head) against random and against
-    magnitude, with its 95% interval. `beats both`: both intervals lie above 0."""
+    magnitude, with its 95% interval (`paired seeds`: the fewer seeds of the two pairings). `beats both`: both
+    intervals lie above 0."""
     rows = []
     for (task, budget, depth, gran), cell in df.groupby(["task", "budget", "depth", "granularity"]):
         test = cell.pivot_table(index="seed", columns="selector", values="test")
@@ -232,7 +233,7 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
             row = {"task": task, "budget": budget, "depth": depth, "granularity": gran, "selector": sel,
                    "seeds": int(test[sel].notna().sum()), "test": round(test[sel].mean(), 4),
                    "validation": round(val[sel].mean(), 4)}
-            wins = []
+            wins, paired = [], []
             for name in CONTROLS:
                 row[f"vs {name}"] = ""
                 # an allocation=even variant against the control of the same allocation: only rows differ
@@ -242,6 +243,8 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
                     row[f"vs {name}"] = (f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n})" if n > 1 else
                                          f"{mean:+.4f} (n=1, no interval)" if n == 1 else "")
                     wins.append(n > 1 and bool(low > 0))
+                    paired.append(n)
+            row["paired seeds"] = min(paired) if paired else np.nan
             row["beats both"] = len(wins) == len(CONTROLS) and all(wins)
             rows.append(row)
     out = pd.DataFrame(rows)
@@ -254,7 +257,7 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
 
 def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5) -> tuple[pd.DataFrame, str, str]:
     """The issue's rule for the default selector, from selector_study's table. A token-driven selector that beats
-    both random and magnitude, with at least `min_seeds` seeds, on at least `min_tasks` tasks at one setting
+    both random and magnitude, over at least `min_seeds` paired seeds, on at least `min_tasks` tasks at one setting
     (budget, depth, granularity) becomes the default. Failing that, the selector with the best mean validation
     score over the main part's cells does: depth 2, rows, the (task, budget) cells where every selector run at
     every budget ran, as many seeds each. Returns (per-selector table, default, why)."""
@@ -268,7 +271,7 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5
     common = common[common.groupby(["task", "budget"], observed=True).seeds.transform("nunique") == 1]
     rows, counts = [], {}
     for sel, runs in study.groupby("selector"):
-        won = runs[runs["beats both"] & (runs.seeds >= min_seeds)]
+        won = runs[runs["beats both"] & (runs["paired seeds"] >= min_seeds)]
         for setting, tasks in won.groupby(["budget", "depth", "granularity"]).task:
             counts[(sel, *setting)] = tasks.nunique()
         mine = common[common.selector == sel]
