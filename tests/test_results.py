@@ -152,7 +152,7 @@ def test_selector_verdict_follows_the_issues_rule():
     assert why.startswith("no token-driven selector") and "on no task at all" in why
     # ... nor where the selector has 5 seeds but its controls 3: the pairs count
     uneven = tasks(strong, ["srl", "trec", "intent"]).query("seed < 3 or selector == 'token'")
-    assert "on no task at all" in selector_verdict(selector_study(uneven, ["srl", "trec", "intent"]))[2]
+    assert not selector_verdict(selector_study(uneven, ["srl", "trec", "intent"]))[2].startswith("token beats")
     # a cell where one selector has an extra seed is not a main cell (its mean would not compare)
     extra = pd.concat([tasks(weak, ["srl"]), study_frame({"token": 0.5}, seeds=(5,))])
     table, default, why = selector_verdict(selector_study(extra, ["srl"]))
