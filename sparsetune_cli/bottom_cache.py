@@ -11,7 +11,8 @@ How: the bottom modules keep their weights and names (saving, merging and predic
 while a batch that carries its cached bottom output runs, the embeddings return zeros, the frozen blocks below
 the last pass their input through, and the last frozen block returns the cached output. Everything else
 (attention masks, rotary position inputs, the top blocks, pooling and head) is the model's own code, so the
-result is the uncached one. Batches without it (the sparse probe, predict) run the whole model.
+result is the uncached one. Batches without it (the sparse probe, predict) run the whole model. That switch is
+`Replay`; the sparse probe's head fit uses it alone, with each probe batch's bottom output held in memory.
 """
 from __future__ import annotations
 
