@@ -302,7 +302,8 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5
 
 def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
     """Paired difference against random (95% interval; a bare point while a cell has one seed) by budget, one line
-    per selector, one panel per task that has random runs (depth 2, rows: the main part of the study)."""
+    per selector, one panel per task that has random runs (depth 2, rows: the main part of the study); an
+    allocation=even variant against random+even."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -314,7 +315,8 @@ def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
     selectors = sorted((s for s in set(main.selector) if token_driven(s)),
                        key=lambda s: (TOKEN_DRIVEN.index(s.split("+")[0]), s))
     selectors += ["magnitude"] if "magnitude" in set(main.selector) else []
-    others = itertools.cycle(f"C{i}" for i in (0, 1, 2, 4, 5, 6, 8, 9))   # C3: token; gray: magnitude
+    # token red, magnitude gray; the rest from tab20 without its reds and grays
+    others = itertools.cycle(plt.cm.tab20(i) for i in (0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17, 18, 19))
     colors = {s: "C3" if s == "token" else "0.45" if s == "magnitude" else next(others) for s in selectors}
     for ax, task in zip(axes[0], present):
         cell = main[main.task == task]
@@ -323,8 +325,9 @@ def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
             xs, ys, lo, hi = [], [], [], []
             for budget, b in cell.groupby("budget"):
                 t = b.pivot_table(index="seed", columns="selector", values="test")
-                if sel in t and "random" in t:
-                    mean, low, high, n = paired_difference(t[sel], t["random"])
+                control = "random+even" if sel.endswith("+even") and "random+even" in t else "random"
+                if sel in t and control in t:
+                    mean, low, high, n = paired_difference(t[sel], t[control])
                     if n >= 1:   # one seed: a point without an interval
                         xs.append(budget * (1 + 0.05 * (i - len(selectors) / 2)))   # side by side
                         ys.append(mean)
@@ -495,7 +498,8 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
              "Test headline metric, mean over seeds, per task, budget (fraction of backbone parameters), depth "
              "(top blocks; auto: chosen by the probe) and granularity. `vs random` / `vs magnitude`: the mean "
              "paired difference (same seed: same training sample, data order and head) with its 95% t interval. "
-             "`beats both`: both intervals lie above 0. Validation means are what a default is chosen on.",
+             "An allocation=even variant is paired with the controls of the same allocation. `beats both`: both "
+             "intervals lie above 0. Validation means are what a default is chosen on.",
              index=False)
         verdict, default, why = selector_verdict(study_table)
         save("selector_verdict", verdict, "Selector study: which selector the evidence makes the default",
