@@ -276,7 +276,6 @@ def test_a_head_fitted_before_the_probe_changes_the_rows_not_the_head(data_dir):
     assert chosen[0] != chosen[20]
 
 
-
 def test_the_readout_is_cls_for_encoders_and_the_last_real_token_for_decoders():
     from types import SimpleNamespace
     from sparsetune_cli.methods.sparse import readout_positions
@@ -324,7 +323,6 @@ def test_the_head_fit_replays_the_frozen_backbone_with_the_same_result(backbone,
         torch.testing.assert_close(dict(replayed.named_parameters())[n], p, rtol=1e-4, atol=1e-5)
     assert not any("forward" in vars(m) for m in replayed.modules())
     assert not replayed._forward_hooks and not replayed._forward_pre_hooks
-
 
 
 def test_even_allocation_gives_every_top_matrix_the_same_share(data_dir):
