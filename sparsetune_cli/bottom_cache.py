@@ -44,13 +44,18 @@ def why_not(cfg, model, tokenizer) -> str | None:
         return "train.cache_bottom=false"
     if cfg.train.frozen_dropout:
         return "train.frozen_dropout=true: dropout makes the bottom's output differ at every step"
-    if model.config.model_type not in FAMILIES:
+    if not replayable(model):
         return f"backbone family {model.config.model_type!r} is not one the cache knows ({', '.join(FAMILIES)})"
     if getattr(tokenizer, "padding_side", "right") != "right":
         return "the tokenizer pads on the left: positions would depend on the batch"
     if frozen_blocks(model) == 0:
         return "no whole block is frozen (what trains reaches the bottom block or the embeddings)"
     return None
+
+
+def replayable(model) -> bool:
+    """Whether Replay can stand in for this model's bottom: a block family it is tested on."""
+    return model.config.model_type in FAMILIES
 
 
 def frozen_blocks(model) -> int:

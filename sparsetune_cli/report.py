@@ -209,6 +209,13 @@ def token_driven(selector: str) -> bool:
     return selector.split("+")[0] in TOKEN_DRIVEN   # token_fisher+head64 too
 
 
+def control_of(selector: str, control: str, present) -> str:
+    """The control a selector is paired with: an allocation=even variant's is the control of the same allocation
+    (when it ran), so that only the rows within each matrix differ."""
+    even = f"{control}+even"
+    return even if selector.endswith("+even") and even in present else control
+
+
 def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, float, int]:
     """Mean of a - b over the seeds both have, with a 95% t interval: (mean, low, high, n)."""
     from scipy import stats
@@ -236,8 +243,7 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
             wins, paired = [], []
             for name in CONTROLS:
                 row[f"vs {name}"] = ""
-                # an allocation=even variant against the control of the same allocation: only rows differ
-                control = f"{name}+even" if sel.endswith("+even") and f"{name}+even" in test.columns else name
+                control = control_of(sel, name, test.columns)
                 if token_driven(sel) and control in test.columns:
                     mean, low, high, n = paired_difference(test[sel], test[control])
                     row[f"vs {name}"] = (f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n})" if n > 1 else
@@ -287,8 +293,7 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5
     if best[1] >= min_tasks:
         (sel, budget, depth, gran), n = best
         return table, sel, (f"{sel} beats random and magnitude (95% intervals above 0, {min_seeds}+ seeds) on {n} "
-                            f"tasks at "
-                            f"{100 * budget:g}%, depth {depth}, {gran}")
+                            f"tasks at {100 * budget:g}%, depth {depth}, {gran}")
     top = table.iloc[0]
     if not top["main cells"]:
         return table, "", "no main cell has every selector at as many seeds yet"
@@ -296,8 +301,8 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5
             "on no task at all")
     return table, top.selector, (f"no token-driven selector beats random and magnitude with {min_seeds}+ seeds on "
                                  f"{min_tasks} tasks at any setting ({most}); {top.selector} has the best mean "
-                                 f"validation score over the "
-                                 f"{int(top['main cells'])} main cells ({top['mean validation']:.4f})")
+                                 f"validation score over the {int(top['main cells'])} main cells "
+                                 f"({top['mean validation']:.4f})")
 
 
 def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
@@ -325,7 +330,7 @@ def selector_plot(df: pd.DataFrame, tasks: list[str], out: Path) -> Path | None:
             xs, ys, lo, hi = [], [], [], []
             for budget, b in cell.groupby("budget"):
                 t = b.pivot_table(index="seed", columns="selector", values="test")
-                control = "random+even" if sel.endswith("+even") and "random+even" in t else "random"
+                control = control_of(sel, "random", t.columns)
                 if sel in t and control in t:
                     mean, low, high, n = paired_difference(t[sel], t[control])
                     if n >= 1:   # one seed: a point without an interval

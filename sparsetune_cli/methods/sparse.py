@@ -347,7 +347,7 @@ class Sparse(Method):
         opt = torch.optim.AdamW(head.values(), lr=self.cfg.lr, weight_decay=0.0)
         # the frozen backbone's output of each batch is computed once and replayed, so a step runs the head alone
         # (for the block families the frozen-bottom cache knows; others run the whole model every step)
-        replay = bottom_cache.Replay(model) if model.config.model_type in bottom_cache.FAMILIES else None
+        replay = bottom_cache.Replay(model) if bottom_cache.replayable(model) else None
         try:
             if replay is not None:
                 batches = [{**b, bottom_cache.KEY: bottom_cache.bottom_output(model, b)} for b in batches]
@@ -428,8 +428,8 @@ class Sparse(Method):
             return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
 
         batches = [list(range(start, min(n, start + bs))) for start in range(0, n, bs)]
-        head_init = self.fit_head(model, [collator([train[int(idx[i])] for i in b]) for b in batches]) \
-            if cfg.get("probe_head_steps", 0) else None
+        collated = [collator([train[int(idx[i])] for i in b]) for b in batches]
+        head_init = self.fit_head(model, collated) if cfg.get("probe_head_steps", 0) else None
         for b, name, m in linears:
             if b >= lowest:
                 handles.append(m.register_forward_hook(keep_input(name, m.weight)))
@@ -444,8 +444,7 @@ class Sparse(Method):
         for p in model.parameters():
             p.requires_grad_(False)
         try:
-            for batch_idx in batches:
-                batch = collator([train[int(idx[i])] for i in batch_idx])
+            for batch_idx, batch in zip(batches, collated):
                 length = batch["input_ids"].shape[1]
                 if groups is not None and kind != "all_positions":
                     masks = [position_mask(groups, enc, i, len(enc["input_ids"][i]),
