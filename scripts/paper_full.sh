@@ -12,8 +12,7 @@ EXPERIMENT=${EXPERIMENT:-paper_full_cpu}
 TASKS=${TASKS:-trec,intent,banking77,srl,entity_matching}
 CORE=${CORE:-sparse,full,lora}
 OUT=${OUT:-results/paper_full}
-REVERSED=$(echo "$TASKS" | tr ',' '\n' | tac | paste -sd, -)
-ORDERS=("$TASKS" "$REVERSED")
+source "$(dirname "$0")/workers.sh"
 paper() {   # $1: worker, $2: stage, $3: the methods (empty: the experiment's own list)
   "$BIN/sparsetune" paper --experiment "$EXPERIMENT" --ablation none --study none --out "$OUT" --stage "$2" \
     ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} train.threads=1 "hydra.sweeper.params.task='${ORDERS[$(($1 % 2))]}'" \
@@ -27,8 +26,6 @@ worker() {  # a second pass picks up what the first left because the other worke
     done
   done
 }
-trap 'kill 0' INT TERM
-for i in $(seq 0 $((WORKERS - 1))); do worker "$i" & done
-wait
+run_workers   # the tables are written whatever the workers ended with, as before
 "$BIN/sparsetune" paper --experiment "$EXPERIMENT" --ablation none --study none --out "$OUT" --stage tables \
   ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} "hydra.sweeper.params.task='$TASKS'"

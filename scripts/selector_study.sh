@@ -10,8 +10,7 @@ STUDY=${STUDY:-paper_selector_cpu}
 WORKERS=${WORKERS:-2}
 SEEDS=${SEEDS:-0 1 2 3 4}
 TASKS=${TASKS:-srl,banking77,trec,intent}
-REVERSED=$(echo "$TASKS" | tr ',' '\n' | tac | paste -sd, -)
-ORDERS=("$TASKS" "$REVERSED")
+source "$(dirname "$0")/workers.sh"
 worker() {  # $1: worker number
   for seed in $SEEDS; do
     "$BIN/sparsetune" paper --stage ablation --ablation "$STUDY" ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} \
@@ -19,6 +18,4 @@ worker() {  # $1: worker number
       || return $?
   done
 }
-trap 'kill 0' INT TERM
-for i in $(seq 0 $((WORKERS - 1))); do worker "$i" & done
-wait
+run_workers   # a failed worker fails the script, as the one-worker loop did
