@@ -68,7 +68,7 @@ def _hydra_run(args: list[str]) -> None:
         if hc.mode.name == "MULTIRUN" and "joblib" in hc.launcher._target_.lower():
             pin_gpu(hc.job.num)
         try:
-            cfg = apply_task_overrides(cfg)
+            cfg = apply_task_overrides(cfg, hc.overrides.task)
             validate_config(cfg)
             # before importing torch: a resumed sweep skips in seconds
             record = completed_run(cfg, run_dir, lambda: data_fingerprint(cfg))

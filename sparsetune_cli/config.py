@@ -62,13 +62,14 @@ def compose(overrides: list[str], hydra: bool = False) -> DictConfig:
     from hydra import initialize_config_dir
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         return apply_task_overrides(hydra_compose(config_name="config", overrides=overrides,
-                                                  return_hydra_config=hydra))
+                                                  return_hydra_config=hydra), overrides)
 
 
-def apply_task_overrides(cfg: DictConfig) -> DictConfig:
+def apply_task_overrides(cfg: DictConfig, command_line: list[str] = ()) -> DictConfig:
     """An experiment's `task_overrides: {TASK: {key: value}}` merged into cfg.task when TASK is the task chosen
-    (a plain `task.max_length` in an experiment would hit every task of its sweep). The mapping itself is then
-    dropped: a run records the values it used, and an entry for another task does not change this run's config."""
+    (a plain `task.max_length` in an experiment would hit every task of its sweep). A key the command line sets
+    (`task.max_length=..`) keeps the command line's value. The mapping itself is then dropped: a run records the
+    values it used, and an entry for another task does not change this run's config."""
     per_task = cfg.get("task_overrides")
     if per_task is None:
         return cfg
@@ -77,9 +78,10 @@ def apply_task_overrides(cfg: DictConfig) -> DictConfig:
     if unknown:
         raise UserError(f"task_overrides.{cfg.task.name}.{unknown[0]}: task {cfg.task.name} has no key "
                         f"'{unknown[0]}' (its keys: {', '.join(cfg.task)})")
+    typed = {o.lstrip("+~").split("=", 1)[0] for o in command_line}
     with open_dict(cfg):
         if mine:
-            cfg.task = OmegaConf.merge(cfg.task, mine)
+            cfg.task = OmegaConf.merge(cfg.task, {k: v for k, v in mine.items() if f"task.{k}" not in typed})
         del cfg["task_overrides"]
     return cfg
 
@@ -117,6 +119,7 @@ class TaskSchema:
     eval_limit: Optional[int] = None
     validation_fraction: float = 0.1
     split_seed: int = 0
+    attributes: Optional[list[str]] = None
 
 
 @dataclasses.dataclass
@@ -137,7 +140,7 @@ class RunSchema:
     force: bool = False
 
 
-TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
 
 
 def check_types(node, schema, prefix: str = "") -> None:
@@ -151,7 +154,8 @@ def check_types(node, schema, prefix: str = "") -> None:
     except OmegaConfBaseException as e:
         key = str(getattr(e, "full_key", "") or getattr(e, "key", "") or "?")
         kind = fields.get(key)
-        expected = TYPE_NAMES.get(getattr(kind, "__args__", (kind,))[0], str(kind))
+        kind = getattr(kind, "__args__", (kind,))[0]   # Optional[X] -> X
+        expected = TYPE_NAMES.get(typing.get_origin(kind) or kind, str(kind))
         raise UserError(f"{prefix}{key}={values.get(key)!r} is not valid: expected {expected}") from None
 
 

@@ -1,14 +1,18 @@
 """Task formats, defined once: how a raw row (or a line a user types) becomes the model's input.
 
-text: one text. pair: two texts, given to the tokenizer as a pair. srl: a sentence with the predicate and
+text: one text. pair: two texts, given to the tokenizer as a pair; with `attributes` each text is a record
+serialized as "attr: value; attr: value" (Ditto's entity-matching format) and keeps only those attributes. srl: a sentence with the predicate and
 the argument head marked, paired with "predicate: P ; argument: A". Training data (data.py), the sparse
 method's token positions (tokens.py) and predict all go through `encode`, so their token positions agree.
 """
 from __future__ import annotations
 
+import re
+
 from .errors import UserError
 
 FORMATS = ("text", "pair", "srl")
+ATTRIBUTE_START = re.compile(r"(?:^|;\s*)(\w+):")   # "name: ..; description: ..": where each attribute begins
 
 
 def _field(row: dict, key: str) -> str:
@@ -27,19 +31,37 @@ def row_formatter(task):
         raise UserError(f"task.format={fmt!r} is not one of text, pair, srl")
     if fmt == "pair" and (text_fields is None or len(text_fields) != 2):
         raise UserError(f"task.text_fields={text_fields}: a pair task names two fields, e.g. [text_a, text_b]")
+    attributes = task.get("attributes")
+    if attributes is not None and (fmt != "pair" or not attributes):
+        raise UserError(f"task.attributes={list(attributes)}: only a pair task's records have attributes; give a "
+                        "non-empty list such as [name, price], or null to keep the texts whole")
+    record = (lambda text, where: keep_attributes(text, attributes, where)) if attributes else (lambda text, _: text)
 
     def format_row(row: dict) -> dict:
         label = _field(row, label_field)
         if fmt == "text":
             text, pair = _field(row, text_field), None
         elif fmt == "pair":
-            text, pair = _field(row, text_fields[0]), _field(row, text_fields[1])
+            text = record(_field(row, text_fields[0]), row["_where"])
+            pair = record(_field(row, text_fields[1]), row["_where"])
         else:
             text, pair = srl_input(row)
         if not text.strip():
             raise UserError(f"{row['_where']}: empty text; remove the row or fill it in")
         return {"text": text, "text_pair": pair, "label": label}
     return format_row
+
+
+def keep_attributes(text: str, attributes, where: str) -> str:
+    """The named attributes of a serialized record, in the order named: "name: X; price: Y"."""
+    starts = list(ATTRIBUTE_START.finditer(text))
+    values = {m.group(1): text[m.end():(starts[i + 1].start() if i + 1 < len(starts) else len(text))].strip()
+              for i, m in enumerate(starts)}
+    missing = [a for a in attributes if a not in values]
+    if missing:
+        raise UserError(f"{where}: the record has no attribute '{missing[0]}' (it has: {', '.join(values) or 'none'}); "
+                        "fix task.attributes or the data")
+    return "; ".join(f"{a}: {values[a]}".strip() for a in attributes)
 
 
 def srl_input(row: dict) -> tuple[str, str]:
@@ -61,6 +83,8 @@ def parse_input(task, line: str) -> dict:
     if task.format == "pair":
         if len(parts) != 2:
             raise UserError(f"pair task {task.name}: give each input as text_a<TAB>text_b, got {line!r}")
+        if task.get("attributes"):   # the model saw only these attributes in training
+            parts = [keep_attributes(p, task.attributes, "input") for p in parts]
         return {"text": parts[0], "text_pair": parts[1]}
     if task.format == "srl":
         words = parts[0].split(" ")

@@ -89,8 +89,14 @@ def test_every_experiment_composes_for_every_cell_of_its_sweep(experiment):
 def test_task_overrides_reach_only_their_task_and_leave_no_trace():
     em = compose(["experiment=paper_full_cpu", "task=entity_matching"])
     srl = compose(["experiment=paper_full_cpu", "task=srl"])
-    assert em.task.max_length == 256 and srl.task.max_length == compose(["task=srl"]).task.max_length
+    assert em.task.max_length == 96 and list(em.task.attributes) == ["name", "price"]
+    assert srl.task.max_length == compose(["task=srl"]).task.max_length and "attributes" not in srl.task
     assert "task_overrides" not in em and "task_overrides" not in srl
+
+
+def test_the_command_line_beats_an_experiments_task_override():
+    em = compose(["experiment=paper_full_cpu", "task=entity_matching", "task.max_length=200"])
+    assert em.task.max_length == 200 and list(em.task.attributes) == ["name", "price"]   # the other key still applies
 
 
 def test_a_task_override_of_a_key_the_task_lacks_names_it():

@@ -45,6 +45,37 @@ def test_srl_input_marks_predicate_and_argument(data_dir):
     assert row["text_pair"].startswith("predicate: ")
 
 
+def test_entity_matching_keeps_the_named_attributes_in_order(data_dir):
+    whole = load_task(compose(["task=entity_matching", f"data_dir={data_dir}", "task.train_limit=50"]).task, data_dir)
+    cfg = compose(["task=entity_matching", f"data_dir={data_dir}", "task.train_limit=50", "task.attributes=[price,name]"])
+    kept = load_task(cfg.task, data_dir)
+    for a, b in zip(whole.splits["train"], kept.splits["train"]):
+        name = a["text"].split("; description:")[0].removeprefix("name: ")
+        price = a["text"].rsplit("price:", 1)[1].strip()
+        assert b["text"] == f"price: {price}".strip() + f"; name: {name}" and b["label"] == a["label"]
+        assert "description" not in b["text_pair"] and b["text_pair"].startswith("price:")
+
+
+def test_attributes_in_typed_inputs_too():
+    from sparsetune_cli.formats import parse_input
+    cfg = compose(["task=entity_matching", "task.attributes=[name]"])
+    row = parse_input(cfg.task, "name: a b; description: long; price: 3\tname: c; description:; price:")
+    assert row == {"text": "name: a b", "text_pair": "name: c"}
+    with pytest.raises(UserError, match=r"input: the record has no attribute 'name' \(it has: none\)"):
+        parse_input(cfg.task, "just text\tname: c")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["task=entity_matching", "task.attributes=[name,colour]"],
+     r"abt_buy/train\.jsonl:1: the record has no attribute 'colour' \(it has: name, description, price\)"),
+    (["task=trec", "+task.attributes=[name]"], r"task\.attributes=\['name'\]: only a pair task's records"),
+    (["task=entity_matching", "task.attributes=[]"], r"give a non-empty list"),
+])
+def test_bad_attributes_say_what_to_fix(data_dir, overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_task(compose(overrides + [f"data_dir={data_dir}"]).task, data_dir)
+
+
 def test_missing_validation_is_carved_stratified_and_deterministic(data_dir):
     cfg = compose(["task=banking77", f"data_dir={data_dir}"])
     a, b = load_task(cfg.task, cfg.data_dir), load_task(cfg.task, cfg.data_dir)

@@ -226,9 +226,13 @@ def test_a_refused_command_leaves_every_file_of_the_run_as_it_was(tmp_path, data
     ("method.probe_batches=0", "method.probe_batches=0 is out of range"),
     ("method.probe_head_steps=-1", "method.probe_head_steps=-1 is out of range"),
     ("method.selector=best", "method.selector='best': choose one of"),
+    ("task=entity_matching task.attributes=name", "task.attributes='name' is not valid: expected a list"),
+    # the command line's value, not the experiment's task_overrides (max_length 96), reaches the check
+    ("experiment=paper_full_cpu task=entity_matching task.max_length=4", "task.max_length=4 is out of range"),
 ])
 def test_a_value_of_the_wrong_type_names_its_key_in_one_line(tmp_path, override, message):
-    proc = cli("run", "backbone=tiny-encoder", "method=sparse", f"output_root={tmp_path}", override, timeout=120)
+    proc = cli("run", "backbone=tiny-encoder", "method=sparse", f"output_root={tmp_path}", *override.split(),
+               timeout=120)
     assert one_line_error(proc) == f"sparsetune: error: {message}" or message in one_line_error(proc)
     assert not list(tmp_path.rglob("metrics.json"))
 
