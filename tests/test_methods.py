@@ -159,6 +159,19 @@ def test_frozen_dropout_defaults_to_the_methods_own_setting_and_the_train_overri
     assert compose(["method=head_only", "train.frozen_dropout=false"]).train.frozen_dropout is False
 
 
+def test_a_saved_config_from_before_an_option_existed_gets_the_options_old_behavior():
+    """Each method's Options default is what a run did before the key existed (the shipped YAML may differ)."""
+    from omegaconf import OmegaConf
+    for name, cls in METHODS.items():
+        shipped = compose([f"method={name}"]).method
+        defaults = OmegaConf.to_container(OmegaConf.structured(cls.Options))
+        assert set(defaults) <= set(shipped), name   # every option is in the YAML, with a comment
+        old = OmegaConf.create({k: v for k, v in OmegaConf.to_container(shipped).items() if k not in defaults})
+        OmegaConf.set_struct(old, True)
+        method = get_method(old)
+        assert {k: method.cfg[k] for k in defaults} == defaults, name
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_the_frozen_bottom_trait_matches_what_the_method_leaves_frozen(backbone, data_dir):
     from sparsetune_cli.models import frozen_bottom, transformer_blocks

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ..config import check_types
@@ -61,12 +62,15 @@ class Method:
     mergeable = True               # `export` gives a plain model of the base architecture
 
     @dataclasses.dataclass
-    class Options:   # the method's own keys and their types (beyond name, lr, lr_grid)
+    class Options:   # the method's own keys, their types, and the behavior of a run from before a key existed
         pass
 
     def __init__(self, cfg):
-        self.cfg = cfg
         check_types(cfg, self.Options, "method.")
+        # a saved run from before an option existed ran without it: fill the key with that (its Options default)
+        defaults = OmegaConf.to_container(OmegaConf.structured(self.Options))
+        missing = {k: v for k, v in defaults.items() if k not in cfg}
+        self.cfg = OmegaConf.merge(OmegaConf.create(missing), cfg) if missing else cfg
         self.validate()
         self.state: dict = {}   # JSON-serializable; saved with the weights
 

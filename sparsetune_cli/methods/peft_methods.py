@@ -58,7 +58,7 @@ class Prefix(Method):
 
     def prepare(self, model, context=None, state=None):
         config = PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.cfg.num_virtual_tokens,
-                                    prefix_projection=bool(self.cfg.get("projection", False)),
+                                    prefix_projection=self.cfg.projection,
                                     modules_to_save=_head_modules(model))
         return get_peft_model(model, config)
 

@@ -63,7 +63,7 @@ class LayerSelect(Method):
             raise UserError(f"method.position={self.cfg.position!r}: choose top or bottom")
 
     def chosen_blocks(self, n_blocks: int) -> list[int]:
-        if self.cfg.get("blocks"):
+        if self.cfg.blocks:
             chosen = [int(i) for i in self.cfg.blocks]
             bad = [i for i in chosen if not -n_blocks <= i < n_blocks]
             if bad:

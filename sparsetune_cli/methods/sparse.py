@@ -207,7 +207,7 @@ class Sparse(Method):
         cfg = self.cfg
         if cfg.selector not in SELECTORS:
             raise UserError(f"method.selector={cfg.selector!r}: choose one of {', '.join(SELECTORS)}")
-        if cfg.get("granularity", "rows") not in GRANULARITIES:
+        if cfg.granularity not in GRANULARITIES:
             raise UserError(f"method.granularity={cfg.granularity!r}: choose rows or columns")
         if not 0 < cfg.budget <= 1:
             raise UserError(f"method.budget={cfg.budget} is out of range: allowed (0, 1]")
@@ -219,12 +219,12 @@ class Sparse(Method):
         for key in ("num_groups", "min_count", "max_ngram", "probe_batches"):
             if cfg[key] < 1:
                 raise UserError(f"method.{key}={cfg[key]} is out of range: allowed >= 1")
-        if cfg.get("allocation", "by_score") not in ALLOCATIONS:
+        if cfg.allocation not in ALLOCATIONS:
             raise UserError(f"method.allocation={cfg.allocation!r}: choose by_score or even")
-        if cfg.get("allocation", "by_score") == "even" and cfg.embeddings:
+        if cfg.allocation == "even" and cfg.embeddings:
             raise UserError("method.allocation=even shares the budget among linear layers: it cannot be used with "
                             "method.embeddings=true")
-        if cfg.get("probe_head_steps", 0) < 0:
+        if cfg.probe_head_steps < 0:
             raise UserError(f"method.probe_head_steps={cfg.probe_head_steps} is out of range: allowed >= 0")
 
     def __init__(self, cfg):
@@ -266,7 +266,7 @@ class Sparse(Method):
         n_blocks = len(transformer_blocks(model))
         backbone_params = sum(p.numel() for n, p in model.named_parameters() if not is_head(n))
         budget = int(cfg.budget * backbone_params)
-        columns = cfg.get("granularity", "rows") == "columns"
+        columns = cfg.granularity == "columns"
         depth = n_blocks if cfg.depth in (None, "all", "auto") else int(cfg.depth)
         if not 1 <= depth <= n_blocks:
             raise UserError(f"method.depth={cfg.depth}: must be 1..{n_blocks} (or all) for this backbone")
@@ -311,7 +311,7 @@ class Sparse(Method):
             depth = int(np.argmax(share >= AUTO_DEPTH_SHARE - 1e-9)) + 1
             extra["all_block_shares"] = [round(float(v), 4) for v in per_block / max(per_block.sum(), 1)]
         picked = _choose(scores, linears, budget, columns, depth, emb_scores if cfg.embeddings else None, model,
-                         even=cfg.get("allocation", "by_score") == "even")
+                         even=cfg.allocation == "even")
         used = sum(len(idx) * _unit_cost(model.get_submodule(name), columns) for name, idx in picked.items())
         if not picked:
             smallest = min(_unit_cost(m, columns) for _, _, m in linears)
@@ -429,7 +429,7 @@ class Sparse(Method):
 
         batches = [list(range(start, min(n, start + bs))) for start in range(0, n, bs)]
         collated = [collator([train[int(idx[i])] for i in b]) for b in batches]
-        head_init = self.fit_head(model, collated) if cfg.get("probe_head_steps", 0) else None
+        head_init = self.fit_head(model, collated) if cfg.probe_head_steps else None
         for b, name, m in linears:
             if b >= lowest:
                 handles.append(m.register_forward_hook(keep_input(name, m.weight)))
@@ -458,7 +458,7 @@ class Sparse(Method):
                             mask[row, :len(m)] = torch.from_numpy(m)
                 else:
                     mask = batch["attention_mask"].float()
-                if cfg.get("probe_readout", False):
+                if cfg.probe_readout:
                     mask[torch.arange(len(mask)), readout_positions(model, batch["attention_mask"])] = 1.0
                 current["mask"] = mask
                 model(**batch).loss.backward()
