@@ -121,7 +121,7 @@ def cost_table(df: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
         row = {"method": method, "runs": len(sub),
                "trainable params": int(sub["cost.trainable_params"].median()),
                "trainable params without head": int(sub["cost.trainable_params_without_head"].median())}
-        paired = sub.join(full, on=["task", "seed", "threads"], rsuffix="_full", how="inner")
+        paired = sub.join(full, on=["task", "seed", "threads"], suffixes=("", "_full"), how="inner")
         row["runs paired with full"] = len(paired)
         for key, name in (("cost.train_seconds", "train time ÷ full"), ("cost.wall_seconds", "whole run ÷ full")):
             if key in paired and f"{key}_full" in paired:
