@@ -2,8 +2,9 @@
 
 text: one text. pair: two texts, given to the tokenizer as a pair; with `attributes` each text is a record
 serialized as "attr: value; attr: value" (Ditto's entity-matching format) and keeps only those attributes.
-srl: a sentence with the predicate and the argument head marked, paired with "predicate: P ; argument: A". Training data (data.py), the sparse
-method's token positions (tokens.py) and predict all go through `encode`, so their token positions agree.
+srl: a sentence with the predicate and the argument head marked, paired with "predicate: P ; argument: A".
+Training data (data.py), the sparse method's token positions (tokens.py) and predict all go through `encode`,
+so their token positions agree.
 """
 from __future__ import annotations
 
