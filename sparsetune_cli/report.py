@@ -265,16 +265,17 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5
     """The issue's rule for the default selector, from selector_study's table. A token-driven selector that beats
     both random and magnitude, over at least `min_seeds` paired seeds, on at least `min_tasks` tasks at one setting
     (budget, depth, granularity) becomes the default. Failing that, the selector with the best mean validation
-    score over the main part's cells does: depth 2, rows, the (task, budget) cells where every selector run at
-    every budget ran, as many seeds each. Returns (per-selector table, default, why)."""
+    score over the main part's cells does: depth 2, rows, the (task, budget) cells where both controls ran at as
+    many seeds. A selector is ranked once it has run every such cell at the controls' seeds, so a variant run at
+    one budget, or still running, never shrinks the cells the others are ranked on. Returns (per-selector table,
+    default, why)."""
     main = study[(study.depth == "2") & (study.granularity == "rows")]
-    cells = main.groupby(["task", "budget"], observed=True).selector.apply(frozenset)
-    cells = cells[cells.apply(lambda c: set(CONTROLS) <= c)]   # a cell of the study has its controls
-    everywhere = frozenset.intersection(*cells) if len(cells) else frozenset()   # not a one-budget variant
-    main = main[main.selector.isin(everywhere)]
-    ran = main.groupby(["task", "budget"], observed=True).selector.transform("nunique")
-    common = main[ran == len(everywhere)]   # cells where every such selector ran
-    common = common[common.groupby(["task", "budget"], observed=True).seeds.transform("nunique") == 1]
+    controls = main[main.selector.isin(CONTROLS)].groupby(["task", "budget"], observed=True).seeds
+    control_seeds = controls.min()[(controls.nunique() == 1) & (controls.count() == len(CONTROLS))]
+    cells = main.join(control_seeds.rename("control seeds"), on=["task", "budget"], how="inner")
+    cells = cells[cells.seeds == cells["control seeds"]]
+    complete = cells.groupby("selector").task.transform("size") == len(control_seeds)
+    common = cells[complete]   # the ranked selectors, each over every main cell
     rows, counts = [], {}
     for sel, runs in study.groupby("selector"):
         won = runs[runs["beats both"] & (runs["paired seeds"] >= min_seeds)]
@@ -296,7 +297,7 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5
                             f"tasks at {100 * budget:g}%, depth {depth}, {gran}")
     top = table.iloc[0]
     if not top["main cells"]:
-        return table, "", "no main cell has every selector at as many seeds yet"
+        return table, "", "no main cell has random and magnitude at as many seeds yet"
     most = (f"at most {best[1]} task{'s' if best[1] != 1 else ''}, {best[0][0]}" if best[0] else
             "on no task at all")
     return table, top.selector, (f"no token-driven selector beats random and magnitude with {min_seeds}+ seeds on "
@@ -510,9 +511,10 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
         save("selector_verdict", verdict, "Selector study: which selector the evidence makes the default",
              "The issue's rule: a token-driven selector that beats random and magnitude (paired 95% intervals "
              "above 0, 5 or more seeds) on 3 tasks at one setting becomes the default; else the best mean "
-             "validation score does. `main cells`: the (task, budget) cells at depth 2, rows where every selector "
-             "run at every budget ran, as many seeds each; the means are over them (a variant run at one budget "
-             f"only is not ranked).\n\n**Default by the rule: {default}**: {why}.", index=False)
+             "validation score does. `main cells`: the (task, budget) cells at depth 2, rows where random and "
+             "magnitude ran at as many seeds; a selector is ranked by its means over them once it has run every "
+             "one at those seeds (0: not ranked, e.g. a variant run at one budget, or still running)."
+             f"\n\n**Default by the rule: {default}**: {why}.", index=False)
         fig = selector_plot(sdf, tasks, out)
         written.extend([fig] if fig else [])
     stab = stability_table(df, plan.tasks, plan.methods)

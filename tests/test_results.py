@@ -153,9 +153,15 @@ def test_selector_verdict_follows_the_issues_rule():
     # ... nor where the selector has 5 seeds but its controls 3: the pairs count
     uneven = tasks(strong, ["srl", "trec", "intent"]).query("seed < 3 or selector == 'token'")
     assert not selector_verdict(selector_study(uneven, ["srl", "trec", "intent"]))[2].startswith("token beats")
-    # a cell where one selector has an extra seed is not a main cell (its mean would not compare)
-    extra = pd.concat([tasks(weak, ["srl"]), study_frame({"token": 0.5}, seeds=(5,))])
-    table, default, why = selector_verdict(selector_study(extra, ["srl"]))
+    # a selector with an extra seed (or one missing) in a cell is not ranked (its mean would not compare); the
+    # others still are, on every cell
+    extra = pd.concat([tasks(weak, ["srl", "trec"]), study_frame({"token": 0.5}, seeds=(5,))])
+    table, default, why = selector_verdict(selector_study(extra, ["srl", "trec"]))
+    table = table.set_index("selector")
+    assert table.loc["token", "main cells"] == 0 and table.loc["random", "main cells"] == 2 and default == "magnitude"
+    # no cell where the controls ran at as many seeds: nothing is ranked
+    lagging = tasks(weak, ["srl"]).query("seed < 4 or selector != 'random'")
+    table, default, why = selector_verdict(selector_study(lagging, ["srl"]))
     assert table["main cells"].max() == 0 and default == "" and why.startswith("no main cell")
 
 
