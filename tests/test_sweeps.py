@@ -297,3 +297,28 @@ def test_two_workers_of_paper_full_share_a_grid_and_finish_it(tmp_path, data_dir
         assert seeds == [0, 1], (task, method, seeds)
     main = pd.read_csv(out / "main.csv", index_col=0)
     assert set(main.index) == {"sparse", "full", "head_only"} and "(n=2)" in main.loc["head_only", "intent"]
+
+
+def test_stopping_the_worker_launcher_sends_each_run_one_signal(tmp_path):
+    """scripts/workers.sh forwards a stop to its workers once. Its trap used to re-enter on its own `kill 0` and
+    send each run thousands of SIGTERMs; a run's second signal means "stop at once", so a run saving its
+    checkpoint was recorded as failed (RecursionError) instead of interrupted."""
+    child = tmp_path / "child.py"
+    child.write_text("import signal, sys, time\n"
+                     "got = []\n"
+                     "signal.signal(signal.SIGTERM, lambda *_: got.append(1))\n"
+                     "open(sys.argv[1] + '.ready', 'w').close()\n"
+                     "while not got:\n    time.sleep(0.01)\n"
+                     "time.sleep(1.0)   # time for any further signals to arrive\n"
+                     "open(sys.argv[1], 'w').write(str(len(got)))\n")
+    script = tmp_path / "launch.sh"
+    script.write_text(f"WORKERS=2\nTASKS=a,b\nsource {Path(__file__).parents[1] / 'scripts' / 'workers.sh'}\n"
+                      f"worker() {{ {sys.executable} {child} {tmp_path}/count$1; }}\nrun_workers\n")
+    proc = subprocess.Popen(["bash", str(script)], start_new_session=True)   # kill 0 stays in its own group
+    deadline = time.time() + 30
+    while not all((tmp_path / f"count{i}.ready").exists() for i in (0, 1)) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    time.sleep(1.5)
+    assert [(tmp_path / f"count{i}").read_text() for i in (0, 1)] == ["1", "1"]
