@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import re
 import typing
 from pathlib import Path
@@ -60,9 +61,22 @@ def compose(overrides: list[str], hydra: bool = False) -> DictConfig:
     """The run config without starting a run (tokens, paper, tests); hydra=True keeps the hydra node."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        return apply_task_overrides(hydra_compose(config_name="config", overrides=overrides,
-                                                  return_hydra_config=hydra), overrides)
+    from hydra.errors import HydraException
+    for o in overrides:   # Hydra reads `params.method.budget` as params -> method -> budget, then fails deep inside
+        key = o.split("=", 1)[0]
+        if key.startswith("hydra.sweeper.params.") and "." in key.removeprefix("hydra.sweeper.params."):
+            raise UserError(f"'{o}': a sweep key with a dot cannot be set through hydra.sweeper.params on the "
+                            "command line; put the narrowed sweep in an experiment config (configs/experiment/)")
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+    except HydraException as e:   # one line: Hydra's message, the options it lists, the cause's first line
+        lines = str(e).splitlines()
+        start = next((i + 1 for i, line in enumerate(lines) if line.startswith("Available options")), len(lines))
+        options = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("\t"), lines[start:])]
+        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ and str(e.__cause__) else ""
+        raise UserError(lines[0] + (f" (available: {', '.join(options)})" if options else "") + cause) from None
+    return apply_task_overrides(cfg, overrides)
 
 
 def apply_task_overrides(cfg: DictConfig, command_line: list[str] = ()) -> DictConfig:

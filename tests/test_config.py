@@ -5,7 +5,6 @@ import itertools
 from pathlib import Path
 
 import pytest
-from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from conftest import compose
@@ -41,10 +40,23 @@ def test_command_line_overrides_reach_the_config():
     assert (cfg.task.name, cfg.train.epochs, cfg.seed, cfg.method.lr) == ("banking77", 2, 3, 3e-5)
 
 
-def test_unknown_group_option_lists_the_choices():
-    with pytest.raises(MissingConfigException) as e:
+def test_unknown_group_option_lists_the_choices_in_one_line():
+    with pytest.raises(UserError) as e:
         compose(["task=nope"])
-    assert "intent" in str(e.value) and "banking77" in str(e.value)
+    assert "intent" in str(e.value) and "banking77" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unknown_experiment_is_refused_not_ignored():
+    # the experiment group was `optional`, so experiment=TYPO silently ran the defaults
+    with pytest.raises(UserError, match=r"experiment/paper_cpuu.*available: .*paper_cpu"):
+        compose(["experiment=paper_cpuu"])
+
+
+def test_a_dotted_sweep_key_on_the_command_line_gets_one_line():
+    with pytest.raises(UserError, match="sweep key with a dot.*experiment config"):
+        compose(["experiment=paper_selector_cpu", "hydra.sweeper.params.method.budget='0.001'"])
+    with pytest.raises(UserError, match=r"Could not override 'train\.nokey'"):
+        compose(["train.nokey=1"])
 
 
 @pytest.mark.parametrize("override,key", [

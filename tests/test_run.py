@@ -127,6 +127,13 @@ def test_bad_config_fails_in_one_line_before_loading(tmp_path):
         "sparsetune: error: train.batch_size=0 is out of range: allowed >= 1"
 
 
+def test_an_unknown_experiment_fails_and_runs_nothing(tmp_path):
+    # Hydra skipped a missing `optional` group option, so a typo ran the defaults in its own folder
+    proc = cli("run", "backbone=tiny-encoder", f"output_root={tmp_path}", "experiment=paper_cpuu", check=False)
+    assert proc.returncode != 0 and "Could not find 'experiment/paper_cpuu'" in proc.stderr
+    assert not list(tmp_path.rglob("*"))
+
+
 def test_class_weighted_loss_is_the_balanced_weighted_cross_entropy():
     import torch
     from sparsetune_cli.train import class_weighted_loss
