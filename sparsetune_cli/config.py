@@ -57,6 +57,18 @@ def non_result_keys() -> frozenset[str]:
     return frozenset(hydra.job.config.override_dirname.exclude_keys) - set(PATH_KEYS)
 
 
+def group_defaults(config: dict) -> dict:
+    """The values a run of this config's task, backbone and method takes from their YAML files alone (no
+    experiment, no command line). A key is added with the default that does what runs did before it existed,
+    so a record that lacks a key ran as this value does. Groups whose file is not here are left out."""
+    groups = {"train": OmegaConf.load(Path(CONFIG_DIR) / "train" / "default.yaml")}
+    for group in ("task", "backbone", "method"):
+        path = Path(CONFIG_DIR) / group / f"{(config.get(group) or {}).get('name')}.yaml"
+        if path.is_file():
+            groups[group] = OmegaConf.load(path)
+    return OmegaConf.to_container(OmegaConf.create(groups), resolve=True)
+
+
 def compose(overrides: list[str], hydra: bool = False) -> DictConfig:
     """The run config without starting a run (tokens, paper, tests); hydra=True keeps the hydra node."""
     from hydra import compose as hydra_compose

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .config import non_result_keys
+from .config import group_defaults, non_result_keys
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -258,19 +258,36 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def config_changes(old: dict, new: dict, prefix: str = "", ignore: frozenset[str] | None = None) -> list[str]:
-    """Keys set in both configs whose values differ, leaving out keys that do not change results."""
+def config_changes(old: dict, new: dict, prefix: str = "", ignore: frozenset[str] | None = None,
+                   defaults: dict | None = None) -> list[str]:
+    """Keys whose values differ, leaving out keys that do not change results. A key the old config lacks (its
+    run predates the key) ran as the key's default (`defaults`, from group_defaults) does: a new value other
+    than that default is a change; a key with no known default is left out."""
     ignore = non_result_keys() if ignore is None else ignore
+    defaults = defaults or {}
     changes = []
     for key in old.keys() & new.keys():
         path = f"{prefix}{key}"
         if path in ignore:
             continue
         if isinstance(old[key], dict) and isinstance(new[key], dict):
-            changes += config_changes(old[key], new[key], f"{path}.", ignore)
+            changes += config_changes(old[key], new[key], f"{path}.", ignore, defaults.get(key))
         elif old[key] != new[key]:
             changes.append(f"{path}: {old[key]!r} -> {new[key]!r}")
+    for key in new.keys() - old.keys():
+        path = f"{prefix}{key}"
+        if path not in ignore and isinstance(defaults, dict) and key in defaults and new[key] != defaults[key]:
+            changes.append(f"{path}: {defaults[key]!r} (the run predates the key) -> {new[key]!r}")
     return sorted(changes)
+
+
+def same_config(previous: RunRecord, cfg, run_dir: Path, what: str) -> None:
+    """Refuse to reuse or resume `previous` (the record in run_dir) under a config that gives other results."""
+    changes = config_changes(previous.config, OmegaConf.to_container(cfg, resolve=True),
+                             defaults=group_defaults(previous.config))
+    if changes:
+        raise UserError(f"{run_dir} holds {what} of a different config ({'; '.join(changes[:3])}); "
+                        "pass force=true to replace it, or another output_root")
 
 
 def completed_run(cfg, run_dir: Path, fingerprint=None) -> RunRecord | None:
@@ -281,10 +298,7 @@ def completed_run(cfg, run_dir: Path, fingerprint=None) -> RunRecord | None:
     previous = read_record(run_dir)
     if previous is None or previous.status != "completed" or cfg.force:
         return None
-    changes = config_changes(previous.config, OmegaConf.to_container(cfg, resolve=True))
-    if changes:
-        raise UserError(f"{run_dir} holds a completed run of a different config ({'; '.join(changes[:3])}); "
-                        "pass force=true to replace it, or another output_root")
+    same_config(previous, cfg, run_dir, "a completed run")
     recorded = (previous.data or {}).get("fingerprint")
     if recorded is not None and fingerprint is not None:
         now = fingerprint()

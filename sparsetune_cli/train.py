@@ -26,7 +26,8 @@ from .methods import MethodContext, count_params, get_method
 from .methods.base import WEIGHTS, fp32_trainable
 from .models import frozen_bottom, load_model, load_tokenizer
 from .record import (CHECKPOINTS, CONFIG_FILE, LABELS_FILE, LOG_FILE, MODEL_DIR, RunLock, RunRecord,
-                     classification_metrics, completed_run, file_sha256, last_good_checkpoint, read_record)
+                     classification_metrics, completed_run, file_sha256, last_good_checkpoint, read_record,
+                     same_config)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ def run(cfg, run_dir: Path) -> RunRecord:
         if done:
             return done
         previous = read_record(run_dir)
+        if previous is not None and not cfg.force and (run_dir / CHECKPOINTS).exists():   # they would be resumed
+            article = "an" if previous.status[0] in "aeiou" else "a"
+            same_config(previous, cfg, run_dir, f"checkpoints of {article} {previous.status} run")
         if main and cfg.force and (run_dir / CHECKPOINTS).exists():
             shutil.rmtree(run_dir / CHECKPOINTS)
         if main:

@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose, run_tiny
+from conftest import TINY, compose, run_tiny
 from sparsetune_cli.cli import pin_gpu
 from sparsetune_cli.config import CONFIG_DIR, non_result_keys
+from sparsetune_cli.record import config_changes
 from sparsetune_cli.errors import UserError
 
 BIN = Path(sys.executable).parent
@@ -66,7 +67,52 @@ def test_completed_run_of_another_config_is_not_silently_reused(tmp_path, data_d
         run(other, run_dir)
 
 
-def test_keys_that_do_not_change_results_stay_out_of_folder_names():
+def test_checkpoints_of_an_unfinished_run_resume_only_under_its_config(tmp_path, data_dir):
+    # an experiment's YAML edited between a stop and the rerun names the same folder: its checkpoints were
+    # trained under the old config, and resuming them would record a mixture as the new one
+    from sparsetune_cli.train import run
+    args = ["backbone=tiny-encoder", f"output_root={tmp_path}", "method=head_only", f"data_dir={data_dir}", *TINY,
+            "train.keep_checkpoints=true"]
+    _, run_dir = run_tiny(tmp_path, args[2:])
+    record = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**record, "status": "interrupted"}))   # as a stop leaves it
+    with pytest.raises(UserError, match=r"holds checkpoints of an interrupted run of a different config "
+                                        r"\(train\.weight_decay: 0\.01 -> 0\.1\); pass force=true"):
+        run(compose([*args, "train.weight_decay=0.1"]), run_dir)
+    assert run(compose(args), run_dir).status == "completed"   # the same config resumes
+
+
+def test_a_key_a_record_predates_counts_as_its_default():
+    from sparsetune_cli.config import group_defaults
+    new = OmegaConf.to_container(compose(["method=sparse", "train.patience=2"]), resolve=True)
+    old = json.loads(json.dumps(new))
+    del old["train"]["patience"], old["method"]["allocation"]   # a record from before the keys existed
+    defaults = group_defaults(old)
+    assert config_changes(old, new, defaults=defaults) == ["train.patience: None (the run predates the key) -> 2"]
+    new["method"]["allocation"] = "even"
+    assert len(config_changes(old, new, defaults=defaults)) == 2
+    assert config_changes(old, new) == []   # without defaults such keys went unseen
+
+
+def test_every_committed_record_is_reused_under_todays_configs():
+    # records under results/ stay valid through every change of config: `sparsetune paper` skips them
+    from sparsetune_cli.record import read_record, same_config
+    root = Path(__file__).resolve().parent.parent
+    composed, checked = {}, 0
+    for path in sorted((root / "results" / "runs").glob("*/*/*/*/seed*/metrics.json")):
+        r = read_record(path.parent)
+        if r is None or r.status != "completed":
+            continue
+        experiment = [o for o in r.variant.split(",") if o.startswith("experiment=")]
+        folder_keys = [o for o in r.variant.split(",") if not o.startswith("experiment=")]
+        base = (*experiment, f"task={r.task}", f"method={r.method}", f"backbone={r.backbone}")
+        if base not in composed:   # one composition per experiment and group choice; the folder's keys merged
+            composed[base] = compose(list(base))
+        cfg = OmegaConf.merge(composed[base], OmegaConf.from_dotlist([*folder_keys, f"seed={r.seed}"]))
+        same_config(r, cfg, path.parent, "a completed run")
+        checked += 1
+    assert checked > 700
+
     hydra_cfg = OmegaConf.load(Path(CONFIG_DIR) / "config.yaml").hydra
     excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
     assert non_result_keys() == excluded - {"task", "backbone", "method", "seed"}   # one list, in config.yaml
