@@ -71,7 +71,7 @@ def _hydra_run(args: list[str]) -> None:
             cfg = apply_task_overrides(cfg, hc.overrides.task)
             validate_config(cfg)
             # before importing torch: a resumed sweep skips in seconds
-            record = completed_run(cfg, run_dir, lambda: data_fingerprint(cfg))
+            record = completed_run(cfg, run_dir, lambda: data_fingerprint(cfg), lambda: option_defaults(cfg))
             if record is None:
                 from .callbacks import StopOnSignal
                 from .train import run
@@ -94,6 +94,11 @@ def _hydra_run(args: list[str]) -> None:
 
     sys.argv = ["sparsetune run"] + args
     app()
+
+
+def option_defaults(cfg) -> dict:   # imports torch: asked for only by a record that predates a method key
+    from .methods import get_method
+    return get_method(cfg.method).option_defaults()
 
 
 def data_fingerprint(cfg) -> str:

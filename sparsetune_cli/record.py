@@ -19,11 +19,11 @@ import subprocess
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import OmegaConf
 
-from .config import group_defaults, non_result_keys
+from .config import ADDED_KEYS, non_result_keys
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -259,38 +259,49 @@ def file_sha256(path: Path) -> str:
 
 
 def config_changes(old: dict, new: dict, prefix: str = "", ignore: frozenset[str] | None = None,
-                   defaults: dict | None = None) -> list[str]:
-    """Keys whose values differ, leaving out keys that do not change results. A key the old config lacks (its
-    run predates the key) ran as the key's default (`defaults`, from group_defaults) does: a new value other
-    than that default is a change; a key with no known default is left out."""
+                   added: dict | None = None) -> list[str]:
+    """Keys whose values differ, leaving out keys that do not change results. A key the old config lacks (its run
+    predates the key) counts as its value in `added` (dotted key -> the value that does what runs did before the
+    key existed); a key missing there too is a change, since what the old run did is not known."""
     ignore = non_result_keys() if ignore is None else ignore
-    defaults = defaults or {}
+    added = ADDED_KEYS if added is None else added
     changes = []
     for key in old.keys() & new.keys():
         path = f"{prefix}{key}"
         if path in ignore:
             continue
         if isinstance(old[key], dict) and isinstance(new[key], dict):
-            changes += config_changes(old[key], new[key], f"{path}.", ignore, defaults.get(key))
+            changes += config_changes(old[key], new[key], f"{path}.", ignore, added)
         elif old[key] != new[key]:
             changes.append(f"{path}: {old[key]!r} -> {new[key]!r}")
     for key in new.keys() - old.keys():
         path = f"{prefix}{key}"
-        if path not in ignore and isinstance(defaults, dict) and key in defaults and new[key] != defaults[key]:
-            changes.append(f"{path}: {defaults[key]!r} (the run predates the key) -> {new[key]!r}")
+        if path in ignore:
+            continue
+        if path not in added:
+            changes.append(f"{path}: not recorded (the run predates the key) -> {new[key]!r}")
+        elif new[key] != added[path]:
+            changes.append(f"{path}: {added[path]!r} (the run predates the key) -> {new[key]!r}")
     return sorted(changes)
 
 
-def same_config(previous: RunRecord, cfg, run_dir: Path, what: str) -> None:
-    """Refuse to reuse or resume `previous` (the record in run_dir) under a config that gives other results."""
-    changes = config_changes(previous.config, OmegaConf.to_container(cfg, resolve=True),
-                             defaults=group_defaults(previous.config))
+def same_config(previous: RunRecord, cfg, run_dir: Path, what: str,
+                method_defaults: Callable[[], dict] = dict) -> None:
+    """Refuse to reuse or resume `previous` (the record in run_dir) under a config that gives other results.
+    `method_defaults()` gives the method's Options defaults, asked for only when the record lacks a method key
+    (a caller that has not imported the methods, and torch, need not for a record that lacks none)."""
+    new = OmegaConf.to_container(cfg, resolve=True)
+    added = dict(ADDED_KEYS)
+    if set(new.get("method", {})) - set(previous.config.get("method", {})):
+        added.update({f"method.{k}": v for k, v in method_defaults().items()})
+    changes = config_changes(previous.config, new, added=added)
     if changes:
         raise UserError(f"{run_dir} holds {what} of a different config ({'; '.join(changes[:3])}); "
                         "pass force=true to replace it, or another output_root")
 
 
-def completed_run(cfg, run_dir: Path, fingerprint=None) -> RunRecord | None:
+def completed_run(cfg, run_dir: Path, fingerprint=None, method_defaults: Callable[[], dict] = dict
+                  ) -> RunRecord | None:
     """The record of a completed run of this config in run_dir, or None (none there, or force=true). A completed
     run of a different config, or of other data, is refused. Needs no torch, so that a sweep skips finished runs
     quickly. `fingerprint()` gives the data's fingerprint; records from before fingerprints were kept have none
@@ -298,7 +309,7 @@ def completed_run(cfg, run_dir: Path, fingerprint=None) -> RunRecord | None:
     previous = read_record(run_dir)
     if previous is None or previous.status != "completed" or cfg.force:
         return None
-    same_config(previous, cfg, run_dir, "a completed run")
+    same_config(previous, cfg, run_dir, "a completed run", method_defaults)
     recorded = (previous.data or {}).get("fingerprint")
     if recorded is not None and fingerprint is not None:
         now = fingerprint()

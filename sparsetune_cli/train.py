@@ -40,13 +40,15 @@ def run(cfg, run_dir: Path) -> RunRecord:
     main = is_main_process()
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir) if main else _no_lock():
-        done = completed_run(cfg, run_dir, lambda: load_task(cfg.task, cfg.data_dir, cfg.seed).fingerprint)
+        done = completed_run(cfg, run_dir, lambda: load_task(cfg.task, cfg.data_dir, cfg.seed).fingerprint,
+                             method.option_defaults)
         if done:
             return done
         previous = read_record(run_dir)
         if previous is not None and not cfg.force and (run_dir / CHECKPOINTS).exists():   # they would be resumed
             article = "an" if previous.status[0] in "aeiou" else "a"
-            same_config(previous, cfg, run_dir, f"checkpoints of {article} {previous.status} run")
+            same_config(previous, cfg, run_dir, f"checkpoints of {article} {previous.status} run",
+                        method.option_defaults)
         if main and cfg.force and (run_dir / CHECKPOINTS).exists():
             shutil.rmtree(run_dir / CHECKPOINTS)
         if main:

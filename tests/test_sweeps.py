@@ -82,20 +82,26 @@ def test_checkpoints_of_an_unfinished_run_resume_only_under_its_config(tmp_path,
     assert run(compose(args), run_dir).status == "completed"   # the same config resumes
 
 
-def test_a_key_a_record_predates_counts_as_its_default():
-    from sparsetune_cli.config import group_defaults
+def test_a_key_a_record_predates_counts_as_the_value_runs_had_before_it():
+    from sparsetune_cli.config import ADDED_KEYS
+    from sparsetune_cli.methods import METHODS
     new = OmegaConf.to_container(compose(["method=sparse", "train.patience=2"]), resolve=True)
     old = json.loads(json.dumps(new))
-    del old["train"]["patience"], old["method"]["allocation"]   # a record from before the keys existed
-    defaults = group_defaults(old)
-    assert config_changes(old, new, defaults=defaults) == ["train.patience: None (the run predates the key) -> 2"]
-    new["method"]["allocation"] = "even"
-    assert len(config_changes(old, new, defaults=defaults)) == 2
-    assert config_changes(old, new) == []   # without defaults such keys went unseen
+    del old["train"]["patience"], old["method"]["probe_head_steps"], old["method"]["allocation"]
+    added = {**ADDED_KEYS, **{f"method.{k}": v for k, v in METHODS["sparse"].option_defaults().items()}}
+    # before probe_head_steps existed the probe ran through the random head (0), though sparse's default is 64 now
+    assert config_changes(old, new, added=added) == [
+        "method.probe_head_steps: 0 (the run predates the key) -> 64",
+        "train.patience: None (the run predates the key) -> 2"]
+    new["method"]["probe_head_steps"], new["train"]["patience"] = 0, None
+    assert config_changes(old, new, added=added) == []
+    new["train"]["brand_new"] = 1   # a key with no recorded earlier value: what the old run did is not known
+    assert config_changes(old, new, added=added) == ["train.brand_new: not recorded (the run predates the key) -> 1"]
 
 
 def test_every_committed_record_is_reused_under_todays_configs():
     # records under results/ stay valid through every change of config: `sparsetune paper` skips them
+    from sparsetune_cli.methods import METHODS
     from sparsetune_cli.record import read_record, same_config
     root = Path(__file__).resolve().parent.parent
     composed, checked = {}, 0
@@ -109,7 +115,7 @@ def test_every_committed_record_is_reused_under_todays_configs():
         if base not in composed:   # one composition per experiment and group choice; the folder's keys merged
             composed[base] = compose(list(base))
         cfg = OmegaConf.merge(composed[base], OmegaConf.from_dotlist([*folder_keys, f"seed={r.seed}"]))
-        same_config(r, cfg, path.parent, "a completed run")
+        same_config(r, cfg, path.parent, "a completed run", METHODS[r.method].option_defaults)
         checked += 1
     assert checked > 700
 

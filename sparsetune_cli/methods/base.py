@@ -65,11 +65,15 @@ class Method:
     class Options:   # the method's own keys, their types, and the behavior of a run from before a key existed
         pass
 
+    @classmethod
+    def option_defaults(cls) -> dict:
+        """Each option's Options default: what a run did before the option existed."""
+        return OmegaConf.to_container(OmegaConf.structured(cls.Options))
+
     def __init__(self, cfg):
         check_types(cfg, self.Options, "method.")
         # a saved run from before an option existed ran without it: fill the key with that (its Options default)
-        defaults = OmegaConf.to_container(OmegaConf.structured(self.Options))
-        missing = {k: v for k, v in defaults.items() if k not in cfg}
+        missing = {k: v for k, v in self.option_defaults().items() if k not in cfg}
         self.cfg = OmegaConf.merge(OmegaConf.create(missing), cfg) if missing else cfg
         self.validate()
         self.state: dict = {}   # JSON-serializable; saved with the weights
