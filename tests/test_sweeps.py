@@ -85,11 +85,12 @@ def test_checkpoints_of_an_unfinished_run_resume_only_under_its_config(tmp_path,
 def test_a_key_a_record_predates_counts_as_the_value_runs_had_before_it():
     from sparsetune_cli.config import ADDED_KEYS
     from sparsetune_cli.methods import METHODS
-    new = OmegaConf.to_container(compose(["method=sparse", "train.patience=2"]), resolve=True)
+    new = OmegaConf.to_container(compose(["method=sparse", "train.patience=2", "method.probe_head_steps=64"]),
+                                 resolve=True)
     old = json.loads(json.dumps(new))
     del old["train"]["patience"], old["method"]["probe_head_steps"], old["method"]["allocation"]
     added = {**ADDED_KEYS, **{f"method.{k}": v for k, v in METHODS["sparse"].option_defaults().items()}}
-    # before probe_head_steps existed the probe ran through the random head (0), though sparse's default is 64 now
+    # before probe_head_steps existed the probe ran through the random head (0), whatever sparse's default is
     assert config_changes(old, new, added=added) == [
         "method.probe_head_steps: 0 (the run predates the key) -> 64",
         "train.patience: None (the run predates the key) -> 2"]
