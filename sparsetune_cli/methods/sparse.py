@@ -361,6 +361,8 @@ class Sparse(Method):
             model.train(was_training)
             for nm, p in model.named_parameters():
                 p.requires_grad_(flags[nm])
+            for p in head.values():   # the last step's gradients would add to training's first (the Trainer clears
+                p.grad = None         # them at its start; a caller stepping the model itself would not)
         return init
 
     def probe(self, model, context, groups, linears, rng, lowest: int = 0):
