@@ -54,21 +54,14 @@ def comparison_table(records: list[RunRecord], metric: str = "headline", split: 
 
 
 def frame(records: list[RunRecord]) -> pd.DataFrame:
-    """One row per run with the test/validation headline, the lr and the sparse ablation settings."""
+    """One row per run with the test/validation headline, the lr and what its method groups it by (sparse: the
+    selector, budget, depth and granularity)."""
+    from .methods import METHODS   # imports torch: only tables need it here
     rows = []
     for r in records:
-        row = flatten(r)
         m = r.config["method"]
-        selector = m.get("selector")   # + the probe's variants: through a fitted head, scoring the readout too
-        if m.get("probe_head_steps"):
-            selector += f"+head{m['probe_head_steps']}"
-        if m.get("probe_readout"):
-            selector += "+readout"
-        if m.get("allocation") not in (None, "by_score"):
-            selector += f"+{m['allocation']}"
-        row.update(lr=m["lr"], selector=selector, budget=m.get("budget"),
-                   depth=str(m.get("depth")), granularity=m.get("granularity", "rows"),
-                   threads=str(r.config["train"].get("threads")),
+        row = {**flatten(r), **(METHODS[m["name"]].describe(m) if m["name"] in METHODS else {})}
+        row.update(lr=m["lr"], threads=str(r.config["train"].get("threads")),
                    test=r.headline("test"), validation=r.headline("validation"))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -266,12 +259,16 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5
     both random and magnitude, over at least `min_seeds` paired seeds, on at least `min_tasks` tasks at one setting
     (budget, depth, granularity) becomes the default. Failing that, the selector with the best mean validation
     score over the main part's cells does: depth 2, rows, the (task, budget) cells where both controls ran at as
-    many seeds. A selector is ranked once it has run every such cell at the controls' seeds, so a variant run at
-    one budget, or still running, never shrinks the cells the others are ranked on. Returns (per-selector table,
-    default, why)."""
+    many seeds, at the budgets where they ran on every task. A selector is ranked once it has run every such cell
+    at the controls' seeds, so a variant run at one budget, or still running, never shrinks the cells the others
+    are ranked on. Returns (per-selector table, default, why)."""
     main = study[(study.depth == "2") & (study.granularity == "rows")]
-    controls = main[main.selector.isin(CONTROLS)].groupby(["task", "budget"], observed=True).seeds
+    runs = main[main.selector.isin(CONTROLS)]
+    controls = runs.groupby(["task", "budget"], observed=True).seeds
     control_seeds = controls.min()[(controls.nunique() == 1) & (controls.count() == len(CONTROLS))]
+    # a budget the controls ran on some tasks only (e.g. 1% on srl and trec) would unrank every selector that did
+    # not run it: such a budget is judged by the rule above but not ranked on
+    control_seeds = control_seeds[control_seeds.groupby(level="budget").transform("size") == runs.task.nunique()]
     cells = main.join(control_seeds.rename("control seeds"), on=["task", "budget"], how="inner")
     cells = cells[cells.seeds == cells["control seeds"]]
     complete = cells.groupby("selector").task.transform("size") == len(control_seeds)
@@ -512,7 +509,7 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
              "The issue's rule: a token-driven selector that beats random and magnitude (paired 95% intervals "
              "above 0, 5 or more seeds) on 3 tasks at one setting becomes the default; else the best mean "
              "validation score does. `main cells`: the (task, budget) cells at depth 2, rows where random and "
-             "magnitude ran at as many seeds; a selector is ranked by its means over them once it has run every "
+             "magnitude ran at as many seeds, at budgets run on every task; a selector is ranked by its means over them once it has run every "
              "one at those seeds (0: not ranked, e.g. a variant run at one budget, or still running)."
              f"\n\n**Default by the rule: {default}**: {why}.", index=False)
         fig = selector_plot(sdf, tasks, out)

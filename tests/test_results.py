@@ -199,3 +199,34 @@ def test_selector_plot_draws_the_tasks_that_have_random_runs(tmp_path):
     assert selector_plot(df, ["srl", "trec"], tmp_path) == tmp_path / "selector_study.png"
     assert (tmp_path / "selector_study.png").stat().st_size > 0
     assert selector_plot(df[df.task == "trec"], ["trec"], tmp_path / "none") is None
+
+
+def test_a_budget_run_on_some_tasks_only_is_judged_but_not_ranked_on():
+    """1% on srl alone (controls and the default only) leaves the others ranked over the budget every task ran."""
+    import pandas as pd
+    from sparsetune_cli.report import selector_study, selector_verdict
+    both = pd.concat([study_frame({"token": 0.03, "token_fisher": 0.02, "random": 0.0, "magnitude": 0.0}).assign(task=t)
+                      for t in ("srl", "trec")])
+    one_pct = study_frame({"token+head64": 0.04, "random": 0.0, "magnitude": 0.0}).assign(budget=0.01)
+    table = selector_verdict(selector_study(pd.concat([both, one_pct]), ["srl", "trec"]))[0].set_index("selector")
+    assert table.loc["token", "main cells"] == 2 and table.loc["token_fisher", "main cells"] == 2
+    assert table.loc["token+head64", "main cells"] == 0
+    assert table.loc["token+head64", "beats both, 5+ seeds (task budget depth granularity)"] == "srl 1% 2 rows"
+    # once the budget runs on every task, it is a main cell like the others
+    everywhere = pd.concat([both, one_pct, one_pct.assign(task="trec")])
+    table = selector_verdict(selector_study(everywhere, ["srl", "trec"]))[0].set_index("selector")
+    assert table.loc["token", "main cells"] == 0 and table.loc["random", "main cells"] == 4
+
+
+def test_a_sparse_run_is_labelled_by_what_changes_its_rows():
+    """The probe's variants label probed selectors only (random ignores them), and a record from before an option
+    existed reads as the option's default."""
+    from sparsetune_cli.methods import METHODS
+    describe = METHODS["sparse"].describe
+    assert describe({"selector": "token", "probe_head_steps": 64, "budget": 0.001}) == {
+        "selector": "token+head64", "budget": 0.001, "depth": "2", "granularity": "rows"}
+    assert describe({"selector": "random", "probe_head_steps": 64, "probe_readout": True})["selector"] == "random"
+    assert describe({"selector": "magnitude", "allocation": "even"})["selector"] == "magnitude+even"
+    assert describe({"selector": "token_fisher", "probe_readout": True, "depth": "all"}) == {
+        "selector": "token_fisher+readout", "budget": 0.01, "depth": "all", "granularity": "rows"}
+    assert METHODS["lora"].describe({"lr": 1e-4, "r": 8}) == {}

@@ -70,6 +70,12 @@ class Method:
         """Each option's Options default: what a run did before the option existed."""
         return OmegaConf.to_container(OmegaConf.structured(cls.Options))
 
+    @classmethod
+    def describe(cls, options: dict) -> dict:
+        """What tables group a run of this method by besides its lr (e.g. sparse's selector and budget), from its
+        recorded options; a record from before an option existed reads as that option's default. None: nothing."""
+        return {}
+
     def __init__(self, cfg):
         check_types(cfg, self.Options, "method.")
         # a saved run from before an option existed ran without it: fill the key with that (its Options default)

@@ -203,6 +203,19 @@ class Sparse(Method):
         frozen_dropout: bool = False
         embeddings: bool = False
 
+    @classmethod
+    def describe(cls, options: dict) -> dict:
+        """The selector, labelled with what changes the rows it picks: the probe's variants for a probed selector
+        (+head64: through a fitted head; +readout), the allocation for any (+even); random ignores the probe's."""
+        o = {**cls.option_defaults(), **options}
+        selector = o["selector"]
+        if selector in PROBED:
+            selector += (f"+head{o['probe_head_steps']}" if o["probe_head_steps"] else "") + \
+                ("+readout" if o["probe_readout"] else "")
+        if o["allocation"] != "by_score":
+            selector += f"+{o['allocation']}"
+        return {"selector": selector, "budget": o["budget"], "depth": str(o["depth"]), "granularity": o["granularity"]}
+
     def validate(self) -> None:
         cfg = self.cfg
         if cfg.selector not in SELECTORS:
