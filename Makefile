@@ -64,7 +64,7 @@ paper-full: install
 	BIN=$(BIN) bash scripts/paper_full.sh
 
 # The selector study (configs/experiment/paper_selector_cpu.yaml, then its probe-head, readout, allocation,
-# depth, columns and 1% parts), seed by seed, 1 thread per job; resumable. Tables: `make tables`
+# depth, columns, 1% and embeddings parts), seed by seed, 1 thread per job; resumable. Tables: `make tables`
 # (results/paper/selector_study.md).
 selector-study: install
 	BIN=$(BIN) bash scripts/selector_study.sh
@@ -74,6 +74,7 @@ selector-study: install
 	BIN=$(BIN) STUDY=paper_selector_depth_cpu bash scripts/selector_study.sh
 	BIN=$(BIN) STUDY=paper_selector_columns_cpu bash scripts/selector_study.sh
 	BIN=$(BIN) STUDY=paper_selector_1pct_cpu bash scripts/selector_study.sh
+	BIN=$(BIN) STUDY=paper_selector_embeddings_cpu bash scripts/selector_study.sh
 
 # Only regenerate results/paper/ (and results/paper_full/) from the finished runs under results/runs/.
 tables: install

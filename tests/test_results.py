@@ -225,7 +225,9 @@ def test_a_sparse_run_is_labelled_by_what_changes_its_rows():
     describe = METHODS["sparse"].describe
     assert describe({"selector": "token", "probe_head_steps": 64, "budget": 0.001}) == {
         "selector": "token+head64", "budget": 0.001, "depth": "2", "granularity": "rows"}
-    assert describe({"selector": "random", "probe_head_steps": 64, "probe_readout": True})["selector"] == "random"
+    assert describe({"selector": "random", "probe_head_steps": 64, "probe_readout": True, "embeddings": True}
+                    )["selector"] == "random"
+    assert describe({"selector": "token", "probe_head_steps": 64, "embeddings": True})["selector"] == "token+head64+emb"
     assert describe({"selector": "magnitude", "allocation": "even"})["selector"] == "magnitude+even"
     assert describe({"selector": "token_fisher", "probe_readout": True, "depth": "all"}) == {
         "selector": "token_fisher+readout", "budget": 0.01, "depth": "all", "granularity": "rows"}

@@ -27,12 +27,30 @@ def sparse_run(tmp_path_factory, data_dir):
 
 
 def test_weights_outside_selected_rows_are_bit_identical_after_training(sparse_run, tmp_path):
-    record, run_dir = sparse_run
+    assert_only_selected_rows_changed(sparse_run[1])
+
+
+def test_embedding_rows_of_group_tokens_train_and_merge(tmp_path, data_dir):
+    """embeddings=true: group tokens' embedding rows compete for the budget, train as deltas like block rows (all
+    else bit-identical) and merge into the plain model."""
+    record, run_dir = run_tiny(tmp_path, ["method=sparse", "task=banking77", f"data_dir={data_dir}",
+                                          "method.budget=0.02", "method.embeddings=true", "method.lr=1e-2"])
+    assert record["status"] == "completed"
+    rows = json.loads((run_dir / "model" / "method_state.json").read_text())["state"]["rows"]
+    assert any(name.endswith("word_embeddings") for name in rows), rows.keys()
+    changed = assert_only_selected_rows_changed(run_dir)
+    assert any(name.endswith("word_embeddings.weight") for name in changed)
+    test_merged_model_loads_without_sparsetune_and_gives_the_same_logits((record, run_dir), tmp_path)
+
+
+def assert_only_selected_rows_changed(run_dir) -> set[str]:
+    """The merged model equals the base except in the selected rows, some of which trained; returns the tensors
+    with a changed row."""
     run = load_run(run_dir)
     base = load_model(run.cfg.backbone, len(run.labels), run.tokenizer, seed=0).state_dict()
     rows = json.loads((run_dir / "model" / "method_state.json").read_text())["state"]["rows"]
     merged = run.method.export(run.model).state_dict()
-    changed_rows = 0
+    changed_rows, changed = 0, set()
     for name, tensor in merged.items():
         if is_head(name):
             continue
@@ -41,10 +59,13 @@ def test_weights_outside_selected_rows_are_bit_identical_after_training(sparse_r
             selected = torch.zeros(tensor.shape[0], dtype=torch.bool)
             selected[rows[module]] = True
             assert torch.equal(tensor[~selected], base[name][~selected]), name
-            changed_rows += int((tensor[selected] != base[name][selected]).any(1).sum())
+            n = int((tensor[selected] != base[name][selected]).any(1).sum())
+            changed_rows += n
+            changed |= {name} if n else set()
         else:
             assert torch.equal(tensor, base[name]), f"{name} drifted"
     assert changed_rows > 0, "no selected row was trained"
+    return changed
 
 
 def test_merged_model_loads_without_sparsetune_and_gives_the_same_logits(sparse_run, tmp_path):

@@ -206,12 +206,13 @@ class Sparse(Method):
     @classmethod
     def describe(cls, options: dict) -> dict:
         """The selector, labelled with what changes the rows it picks: the probe's variants for a probed selector
-        (+head64: through a fitted head; +readout), the allocation for any (+even); random ignores the probe's."""
+        (+head64: through a fitted head; +readout; +emb: group tokens' embedding rows compete for the budget), the
+        allocation for any (+even); random and magnitude ignore the probe's."""
         o = {**cls.option_defaults(), **options}
         selector = o["selector"]
         if selector in PROBED:
             selector += (f"+head{o['probe_head_steps']}" if o["probe_head_steps"] else "") + \
-                ("+readout" if o["probe_readout"] else "")
+                ("+readout" if o["probe_readout"] else "") + ("+emb" if o["embeddings"] else "")
         if o["allocation"] != "by_score":
             selector += f"+{o['allocation']}"
         return {"selector": selector, "budget": o["budget"], "depth": str(o["depth"]), "granularity": o["granularity"]}
