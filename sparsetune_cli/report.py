@@ -257,9 +257,10 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
 def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5) -> tuple[pd.DataFrame, str, str]:
     """The issue's rule for the default selector, from selector_study's table. A token-driven selector that beats
     both random and magnitude, over at least `min_seeds` paired seeds, on at least `min_tasks` tasks at one setting
-    (budget, depth, granularity) becomes the default. Failing that, the selector with the best mean validation
-    score over the main part's cells does: depth 2, rows, the (task, budget) cells where both controls ran at as
-    many seeds, at the budgets where they ran on every task. A selector is ranked once it has run every such cell
+    (budget, depth, granularity) becomes the default (of several, the one with the best mean validation score
+    over the main cells). Failing that, the selector with the best mean validation score over the main part's
+    cells does: depth 2, rows, the (task, budget) cells where both controls ran at as many seeds, at the budgets
+    where they ran on every task. A selector is ranked once it has run every such cell
     at the controls' seeds, so a variant run at one budget, or still running, never shrinks the cells the others
     are ranked on. Returns (per-selector table, default, why)."""
     main = study[(study.depth == "2") & (study.granularity == "rows")]
@@ -288,10 +289,13 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5
     if table.empty:
         return table, "", "no runs"
     best = max(counts.items(), key=lambda kv: kv[1], default=(None, 0))
-    if best[1] >= min_tasks:
-        (sel, budget, depth, gran), n = best
+    winners = [sel for sel in table.selector if any(k[0] == sel and n >= min_tasks for k, n in counts.items())]
+    if winners:   # several meet the rule: the best mean validation over the main cells among them
+        sel = winners[0]
+        (_, budget, depth, gran), n = max(((k, n) for k, n in counts.items() if k[0] == sel), key=lambda kv: kv[1])
+        also = f"; {', '.join(winners[1:])} too, with a lower mean validation" if winners[1:] else ""
         return table, sel, (f"{sel} beats random and magnitude (95% intervals above 0, {min_seeds}+ seeds) on {n} "
-                            f"tasks at {100 * budget:g}%, depth {depth}, {gran}")
+                            f"tasks at {100 * budget:g}%, depth {depth}, {gran}{also}")
     top = table.iloc[0]
     if not top["main cells"]:
         return table, "", "no main cell has random and magnitude at as many seeds yet"
@@ -507,7 +511,8 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
         verdict, default, why = selector_verdict(study_table)
         save("selector_verdict", verdict, "Selector study: which selector the evidence makes the default",
              "The issue's rule: a token-driven selector that beats random and magnitude (paired 95% intervals "
-             "above 0, 5 or more seeds) on 3 tasks at one setting becomes the default; else the best mean "
+             "above 0, 5 or more seeds) on 3 tasks at one setting becomes the default (of several, the one with "
+             "the best mean validation); else the best mean "
              "validation score does. `main cells`: the (task, budget) cells at depth 2, rows where random and "
              "magnitude ran at as many seeds, at budgets run on every task; a selector is ranked by its means over them once it has run every "
              "one at those seeds (0: not ranked, e.g. a variant run at one budget, or still running)."

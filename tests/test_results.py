@@ -137,6 +137,12 @@ def test_selector_verdict_follows_the_issues_rule():
     table, default, why = selector_verdict(selector_study(tasks(weak, ["srl", "banking77", "trec"]),
                                                           ["srl", "banking77", "trec"]))
     assert default == "magnitude" and "on no task at all" in why
+    # two selectors meet the rule: the better mean validation is the default, whichever was seen first
+    for order in (["token", "token_fisher"], ["token_fisher", "token"]):
+        both = {**{s: strong[s] for s in order}, "random": 0.0, "magnitude": 0.0}
+        table, default, why = selector_verdict(selector_study(tasks(both, ["srl", "trec", "intent"]),
+                                                              ["srl", "trec", "intent"]))
+        assert default == "token" and why.endswith("token_fisher too, with a lower mean validation"), why
     # a variant run at one budget only is judged by the rule, not ranked on cells it did not run
     other_budget = pd.concat([tasks(strong, ["srl", "trec", "intent"]),
                               tasks(strong, ["srl", "trec", "intent"]).assign(budget=0.003),
