@@ -73,7 +73,7 @@ class Method:
     @classmethod
     def describe(cls, options: dict) -> dict:
         """What tables group a run of this method by besides its lr (e.g. sparse's selector and budget), from its
-        recorded options; a record from before an option existed reads as that option's default. None: nothing."""
+        recorded options; a record from before an option existed reads as that option's default ({}: nothing)."""
         return {}
 
     def __init__(self, cfg):
