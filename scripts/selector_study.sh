@@ -11,7 +11,8 @@ STUDY=${STUDY:-paper_selector_cpu}
 WORKERS=${WORKERS:-2}
 SEEDS=${SEEDS:-0 1 2 3 4}
 experiment_tasks() {   # a part may run on some tasks only (paper_selector_1pct_cpu: srl and trec)
-  "$BIN/python" -c "import sys; from sparsetune_cli.sweep import Plan; print(','.join(Plan(sys.argv[1], []).tasks))" "$1"
+  "$BIN/python" -c "import sys; from sparsetune_cli.sweep import Plan
+print(','.join(Plan(sys.argv[1], []).tasks))" "$1"
 }
 TASKS=${TASKS:-$(experiment_tasks "$STUDY")} || exit   # the experiment's own tasks unless TASKS narrows them
 source "$(dirname "$0")/workers.sh"

@@ -260,9 +260,9 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5
     (budget, depth, granularity) becomes the default (of several, the one with the best mean validation score
     over the main cells). Failing that, the selector with the best mean validation score over the main part's
     cells does: depth 2, rows, the (task, budget) cells where both controls ran at as many seeds, at the budgets
-    where they ran on every task. A selector is ranked once it has run every such cell
-    at the controls' seeds, so a variant run at one budget, or still running, never shrinks the cells the others
-    are ranked on. Returns (per-selector table, default, why)."""
+    where they ran on every task. A selector is ranked once it has run every such cell at the controls' seeds, so
+    a variant run at one budget, or still running, never shrinks the cells the others are ranked on. Returns
+    (per-selector table, default, why)."""
     main = study[(study.depth == "2") & (study.granularity == "rows")]
     runs = main[main.selector.isin(CONTROLS)]
     controls = runs.groupby(["task", "budget"], observed=True).seeds
@@ -512,10 +512,10 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
         save("selector_verdict", verdict, "Selector study: which selector the evidence makes the default",
              "The issue's rule: a token-driven selector that beats random and magnitude (paired 95% intervals "
              "above 0, 5 or more seeds) on 3 tasks at one setting becomes the default (of several, the one with "
-             "the best mean validation); else the best mean "
-             "validation score does. `main cells`: the (task, budget) cells at depth 2, rows where random and "
-             "magnitude ran at as many seeds, at budgets run on every task; a selector is ranked by its means over them once it has run every "
-             "one at those seeds (0: not ranked, e.g. a variant run at one budget, or still running)."
+             "the best mean validation); else the best mean validation score does. `main cells`: the (task, "
+             "budget) cells at depth 2, rows where random and magnitude ran at as many seeds, at budgets run on "
+             "every task; a selector is ranked by its means over them once it has run every one at those seeds "
+             "(0: not ranked, e.g. a variant run at one budget, or still running)."
              f"\n\n**Default by the rule: {default}**: {why}.", index=False)
         fig = selector_plot(sdf, tasks, out)
         written.extend([fig] if fig else [])

@@ -40,7 +40,7 @@ def test_embedding_rows_of_group_tokens_train_and_merge(tmp_path, data_dir):
     assert any(name.endswith("word_embeddings") for name in rows), rows.keys()
     changed = assert_only_selected_rows_changed(run_dir)
     assert any(name.endswith("word_embeddings.weight") for name in changed)
-    test_merged_model_loads_without_sparsetune_and_gives_the_same_logits((record, run_dir), tmp_path)
+    assert_merge_gives_the_same_logits(run_dir, tmp_path)
 
 
 def assert_only_selected_rows_changed(run_dir) -> set[str]:
@@ -69,7 +69,11 @@ def assert_only_selected_rows_changed(run_dir) -> set[str]:
 
 
 def test_merged_model_loads_without_sparsetune_and_gives_the_same_logits(sparse_run, tmp_path):
-    _, run_dir = sparse_run
+    assert_merge_gives_the_same_logits(sparse_run[1], tmp_path)
+
+
+def assert_merge_gives_the_same_logits(run_dir, tmp_path):
+    """`merge` writes a plain model of the base architecture whose logits equal the trained run's."""
     run = load_run(run_dir)
     batch = run.tokenizer(["I lost my card", "how do I top up by transfer"], padding=True, return_tensors="pt")
     batch = {k: v for k, v in batch.items() if k != "token_type_ids" or "token_type_ids" in batch}

@@ -10,7 +10,9 @@ ranges (`validate`). Nothing else lists the methods.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,11 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available as method=NAME (configs/method/NAME.yaml)."""
     METHODS[cls.name] = cls
     return cls
+
+
+@functools.cache
+def _defaults_of(options: type) -> dict:   # built once per Options class: tables and checks ask for every record
+    return OmegaConf.to_container(OmegaConf.structured(options))
 
 
 def get_method(cfg) -> Method:
@@ -68,7 +75,7 @@ class Method:
     @classmethod
     def option_defaults(cls) -> dict:
         """Each option's Options default: what a run did before the option existed."""
-        return OmegaConf.to_container(OmegaConf.structured(cls.Options))
+        return copy.deepcopy(_defaults_of(cls.Options))   # a copy: callers may change it
 
     @classmethod
     def describe(cls, options: dict) -> dict:
