@@ -233,11 +233,12 @@ class BottomCache:
         batch = self.base_collator(features)
         if index and len(index) == len(features):
             ids = batch["input_ids"]
-            cached = torch.zeros(ids.shape[0], ids.shape[1], self.stores[0][0].shape[1])
+            # filled in numpy: the stores are read-only memory maps, which torch.from_numpy warns about
+            cached = np.zeros((ids.shape[0], ids.shape[1], self.stores[0][0].shape[1]), dtype=np.float32)
             for j, i in enumerate(index):
-                rows = torch.from_numpy(self.rows(i))
+                rows = self.rows(i)
                 cached[j, :len(rows)] = rows
-            batch[KEY] = cached
+            batch[KEY] = torch.from_numpy(cached)
         return batch
 
 
