@@ -75,6 +75,8 @@ selector-study: install
 	BIN=$(BIN) STUDY=paper_selector_columns_cpu bash scripts/selector_study.sh
 	BIN=$(BIN) STUDY=paper_selector_1pct_cpu bash scripts/selector_study.sh
 	BIN=$(BIN) STUDY=paper_selector_embeddings_cpu bash scripts/selector_study.sh
+	BIN=$(BIN) STUDY=paper_selector_depth1_cpu bash scripts/selector_study.sh
+	BIN=$(BIN) STUDY=paper_selector_matched_cpu bash scripts/selector_study.sh
 
 # Only regenerate results/paper/ (and results/paper_full/) from the finished runs under results/runs/.
 tables: install

@@ -137,7 +137,8 @@ def _paper(args: list[str]) -> None:
     p.add_argument("--ablation", default="paper_ablation_cpu", help="the sparse ablation; 'none' to skip")
     p.add_argument("--study", default="paper_selector_cpu,paper_selector_head_cpu,paper_selector_readout_cpu,"
                                       "paper_selector_even_cpu,paper_selector_depth_cpu,paper_selector_columns_cpu,"
-                                      "paper_selector_1pct_cpu,paper_selector_embeddings_cpu",
+                                      "paper_selector_1pct_cpu,paper_selector_embeddings_cpu,"
+                                      "paper_selector_depth1_cpu,paper_selector_matched_cpu",
                    help="the selector study's experiments, comma-separated (tables only); 'none' to skip")
     p.add_argument("--out", default="results/paper", help="folder for tables and plots")
     p.add_argument("--lr-extend", type=int, default=2, metavar="N",

@@ -209,6 +209,13 @@ def control_of(selector: str, control: str, present) -> str:
     return even if selector.endswith("+even") and even in present else control
 
 
+def paired_text(a: pd.Series, b: pd.Series) -> tuple[str, float, int]:
+    """paired_difference as the table writes it: (text, low end of the interval, pairs)."""
+    mean, low, high, n = paired_difference(a, b)
+    return (f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n})" if n > 1 else
+            f"{mean:+.4f} (n=1, no interval)" if n == 1 else ""), low, n
+
+
 def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, float, int]:
     """Mean of a - b over the seeds both have, with a 95% t interval: (mean, low, high, n)."""
     from scipy import stats
@@ -224,7 +231,8 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     """Per task, budget, depth and granularity: each selector's test mean over seeds and, for the token-driven
     ones, the paired difference (same seed: same training sample, data order and head) against random and against
     magnitude, with its 95% interval (`paired seeds`: the fewer seeds of the two pairings). `beats both`: both
-    intervals lie above 0."""
+    intervals lie above 0. `vs random, its matrices`: against random rows in the matrices its probe fills, as many
+    in each (allocation=probe), where that ran: whether the rows matter beyond the matrices."""
     rows = []
     for (task, budget, depth, gran), cell in df.groupby(["task", "budget", "depth", "granularity"]):
         test = cell.pivot_table(index="seed", columns="selector", values="test")
@@ -238,13 +246,15 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
                 row[f"vs {name}"] = ""
                 control = control_of(sel, name, test.columns)
                 if token_driven(sel) and control in test.columns:
-                    mean, low, high, n = paired_difference(test[sel], test[control])
-                    row[f"vs {name}"] = (f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n={n})" if n > 1 else
-                                         f"{mean:+.4f} (n=1, no interval)" if n == 1 else "")
+                    row[f"vs {name}"], low, n = paired_text(test[sel], test[control])
                     wins.append(n > 1 and bool(low > 0))
                     paired.append(n)
             row["paired seeds"] = min(paired) if paired else np.nan
             row["beats both"] = len(wins) == len(CONTROLS) and all(wins)
+            matched = "random" + sel[len(sel.split("+")[0]):] + "+probe"   # token+head64 -> random+head64+probe
+            row["vs random, its matrices"] = ""
+            if token_driven(sel) and matched in test.columns:
+                row["vs random, its matrices"] = paired_text(test[sel], test[matched])[0]
             rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
@@ -257,12 +267,12 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
 def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5) -> tuple[pd.DataFrame, str, str]:
     """The issue's rule for the default selector, from selector_study's table. A token-driven selector that beats
     both random and magnitude, over at least `min_seeds` paired seeds, on at least `min_tasks` tasks at one setting
-    (budget, depth, granularity) becomes the default (of several, the one with the best mean validation score
-    over the main cells). Failing that, the selector with the best mean validation score over the main part's
-    cells does: depth 2, rows, the (task, budget) cells where both controls ran at as many seeds, at the budgets
-    where they ran on every task. A selector is ranked once it has run every such cell at the controls' seeds, so
-    a variant run at one budget, or still running, never shrinks the cells the others are ranked on. Returns
-    (per-selector table, default, why)."""
+    (budget, depth, granularity) becomes the default, at that setting; of several such (selector, setting) pairs,
+    the one with the best mean validation score there, over the tasks every winning setting ran. Failing that, the
+    selector with the best mean validation score over the main part's cells does: depth 2, rows, the (task,
+    budget) cells where both controls ran at as many seeds, at the budgets where they ran on every task. A
+    selector is ranked once it has run every such cell at the controls' seeds, so a variant run at one budget, or
+    still running, never shrinks the cells the others are ranked on. Returns (per-selector table, default, why)."""
     main = study[(study.depth == "2") & (study.granularity == "rows")]
     runs = main[main.selector.isin(CONTROLS)]
     controls = runs.groupby(["task", "budget"], observed=True).seeds
@@ -289,13 +299,20 @@ def selector_verdict(study: pd.DataFrame, min_tasks: int = 3, min_seeds: int = 5
     if table.empty:
         return table, "", "no runs"
     best = max(counts.items(), key=lambda kv: kv[1], default=(None, 0))
-    winners = [sel for sel in table.selector if any(k[0] == sel and n >= min_tasks for k, n in counts.items())]
-    if winners:   # several meet the rule: the best mean validation over the main cells among them
-        sel = winners[0]
-        (_, budget, depth, gran), n = max(((k, n) for k, n in counts.items() if k[0] == sel), key=lambda kv: kv[1])
-        also = f"; {', '.join(winners[1:])} too, with a lower mean validation" if winners[1:] else ""
-        return table, sel, (f"{sel} beats random and magnitude (95% intervals above 0, {min_seeds}+ seeds) on {n} "
-                            f"tasks at {100 * budget:g}%, depth {depth}, {gran}{also}")
+    won = [k for k, n in counts.items() if n >= min_tasks]
+    if won:   # several (selector, setting) pairs meet the rule: the best mean validation at its setting, over the
+        # tasks every winning setting ran (a setting run on more tasks is not favoured for its easier ones)
+        ran = {k: study[(study.selector == k[0]) & (study.budget == k[1]) & (study.depth == k[2])
+                        & (study.granularity == k[3])].set_index("task").validation for k in won}
+        shared = set.intersection(*(set(v.index) for v in ran.values()))
+        score = {k: v[v.index.isin(shared)].mean() if shared else v.mean() for k, v in ran.items()}
+        won.sort(key=lambda k: (-score[k], k))
+        sel, budget, depth, gran = won[0]
+        also = "".join(f"; {k[0]} at {100 * k[1]:g}%, depth {k[2]}, {k[3]} too" for k in won[1:])
+        also += ", with a lower mean validation" if won[1:] else ""
+        return table, sel, (f"{sel} beats random and magnitude (95% intervals above 0, {min_seeds}+ seeds) on "
+                            f"{counts[won[0]]} tasks at {100 * budget:g}%, depth {depth}, {gran} (mean validation "
+                            f"{score[won[0]]:.4f}){also}")
     top = table.iloc[0]
     if not top["main cells"]:
         return table, "", "no main cell has random and magnitude at as many seeds yet"

@@ -3,7 +3,7 @@
 Stages (each resumable: completed runs are skipped, interrupted ones resume):
   grid      every task x method at seed 0, once per learning rate in the method's lr_grid
   seeds     every task x method at the lr that won on validation in the grid, for all seeds
-  ablation  the sparse ablation sweep, at sparse's chosen lr for each task
+  ablation  the sparse ablation sweep, at sparse's chosen lr for each task (or the ablation's own ablation_lr)
 The tables stage is report.py's.
 """
 from __future__ import annotations
@@ -48,6 +48,9 @@ class Plan:
         self.runs = Path(cfg.output_root) / "runs"
         # an experiment may search its own lr grid per method (lr_grids: {full: [...]}); else the method's lr_grid
         self.lr_grids = {m: [float(v) for v in grid] for m, grid in (cfg.get("lr_grids") or {}).items()}
+        # an ablation may pin sparse's lr per task (ablation_lr: {srl: 0.003}), so that a later re-run of the main
+        # grid, which may choose another, cannot move the runs still to come away from those they are paired with
+        self.ablation_lr = {t: float(v) for t, v in (cfg.get("ablation_lr") or {}).items()}
 
     def lr_grid(self, method: str) -> list[float]:
         return self.lr_grids.get(method) or lr_grid(method)
@@ -171,11 +174,11 @@ def run_seeds(plan: Plan) -> None:
 def run_ablation(plan: Plan, ablation: Plan) -> None:
     chosen, _ = lr_choices(plan, ["sparse"])
     for task in ablation.tasks:
-        if (task, "sparse") not in chosen:
+        lr = ablation.ablation_lr.get(task, chosen.get((task, "sparse")))
+        if lr is None:
             raise UserError(f"sparse has no chosen lr for {task} in experiment={plan.experiment} (its grid is "
                             "missing or unfinished), so the ablation cannot run there")
-        launch([f"experiment={ablation.experiment}", f"task={task}", f"method.lr={fmt_lr(chosen[task, 'sparse'])}",
-                *ablation.overrides])
+        launch([f"experiment={ablation.experiment}", f"task={task}", f"method.lr={fmt_lr(lr)}", *ablation.overrides])
 
 
 def main_records(plan: Plan) -> list[RunRecord]:

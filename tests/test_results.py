@@ -142,7 +142,18 @@ def test_selector_verdict_follows_the_issues_rule():
         both = {**{s: strong[s] for s in order}, "random": 0.0, "magnitude": 0.0}
         table, default, why = selector_verdict(selector_study(tasks(both, ["srl", "trec", "intent"]),
                                                               ["srl", "trec", "intent"]))
-        assert default == "token" and why.endswith("token_fisher too, with a lower mean validation"), why
+        assert default == "token" and why.endswith("; token_fisher at 0.1%, depth 2, rows too, with a lower mean "
+                                                   "validation"), why
+    # winners at two settings: the better mean validation at its own setting, over the tasks both ran (not the
+    # main cells), and the setting is named
+    at_depth1 = {"token+head64": 0.04, "random": 0.0, "magnitude": 0.0}
+    depth1 = tasks(at_depth1, ["srl", "trec", "intent", "banking77"]).assign(depth="1", budget=0.01)
+    depth1.loc[depth1.task == "banking77", "validation"] += 0.5   # a task the other setting did not run: ignored
+    table, default, why = selector_verdict(selector_study(pd.concat([tasks(strong, ["srl", "trec", "intent"]),
+                                                                     depth1]), ["srl", "trec", "intent", "banking77"]))
+    assert default == "token+head64" and "on 4 tasks at 1%, depth 1, rows (mean validation 0.5400)" in why, why
+    assert why.endswith("; token at 0.1%, depth 2, rows too; token_fisher at 0.1%, depth 2, rows too, with a lower "
+                        "mean validation"), why
     # a variant run at one budget only is judged by the rule, not ranked on cells it did not run
     other_budget = pd.concat([tasks(strong, ["srl", "trec", "intent"]),
                               tasks(strong, ["srl", "trec", "intent"]).assign(budget=0.003),
@@ -177,6 +188,16 @@ def test_an_even_allocation_variant_is_paired_with_the_controls_of_its_allocatio
                       "magnitude": 0.0})
     row = selector_study(df, ["srl"]).set_index("selector").loc["token+even"]
     assert row["vs random"].startswith("+0.0050") and row["vs magnitude"].startswith("+0.0100")
+
+
+def test_a_selector_is_compared_with_random_rows_in_the_matrices_its_probe_fills():
+    from sparsetune_cli.report import selector_study
+    df = study_frame({"token+head64": 0.03, "token": 0.01, "random+head64+probe": 0.025, "random": 0.0,
+                      "magnitude": 0.0})
+    table = selector_study(df, ["srl"]).set_index("selector")
+    assert table.loc["token+head64", "vs random, its matrices"].startswith("+0.0050")
+    assert table.loc["token+head64", "vs random"].startswith("+0.0300")   # the issue's controls are unchanged
+    assert table.loc["token", "vs random, its matrices"] == ""             # its own probe's control did not run
 
 
 def test_stability_and_convergence_tables():

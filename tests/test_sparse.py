@@ -368,3 +368,30 @@ def test_even_allocation_gives_every_top_matrix_the_same_share(data_dir):
     cfg, *_ = setup("tiny-encoder", "sparse", data_dir, ["method.allocation=even", "method.embeddings=true"])
     with pytest.raises(UserError, match="allocation=even"):
         get_method(cfg.method).validate()
+
+
+def test_probe_allocation_fills_the_token_probes_matrices_with_the_selectors_rows(data_dir):
+    """allocation=probe: each matrix gets as many rows as the token probe (same seed, same probe) gives it, and the
+    selector picks which: random rows there differ from the probe's, magnitude rows are each matrix's largest."""
+    def selection(selector, allocation):
+        cfg, tok, data, ds, collator, context = setup("tiny-encoder", "sparse", data_dir, [
+            "method.budget=0.001", "method.probe_batches=2", "method.probe_head_steps=4", "method.depth=1",
+            f"method.selector={selector}", f"method.allocation={allocation}"])
+        method = get_method(cfg.method)
+        model = method.prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
+        return method.state["rows"], model
+    from sparsetune_cli.errors import UserError
+    token, _ = selection("token", "by_score")
+    counts = {n: len(r) for n, r in token.items()}
+    assert counts != {n: len(r) for n, r in selection("random", "by_score")[0].items()}   # a real constraint
+    for selector in ("random", "magnitude"):
+        rows, model = selection(selector, "probe")
+        assert {n: len(r) for n, r in rows.items()} == counts
+        assert rows != token
+        if selector == "magnitude":
+            for name, r in rows.items():
+                norms = model.get_submodule(name).weight.detach().abs().sum(1)
+                assert set(r) == set(torch.topk(norms, len(r)).indices.tolist())
+    cfg, *_ = setup("tiny-encoder", "sparse", data_dir, ["method.allocation=probe", "method.embeddings=true"])
+    with pytest.raises(UserError, match="allocation=probe"):
+        get_method(cfg.method).validate()

@@ -378,3 +378,22 @@ def test_stopping_the_worker_launcher_sends_each_run_one_signal(tmp_path):
     proc.wait(timeout=30)
     time.sleep(1.5)
     assert [(tmp_path / f"count{i}").read_text() for i in (0, 1)] == ["1", "1"]
+
+
+def test_an_ablation_runs_at_its_pinned_lr_where_it_has_one(monkeypatch):
+    """ablation_lr keeps the selector study at the lr its runs began with when the main grid later chooses
+    another; a task without one takes the main grid's choice, and none at all is a clear error."""
+    from sparsetune_cli import sweep
+    launched = []
+    monkeypatch.setattr(sweep, "launch", launched.append)
+    monkeypatch.setattr(sweep, "lr_choices", lambda plan, methods=None: (
+        {("intent", "sparse"): 0.03, ("banking77", "sparse"): 0.03}, []))
+    ablation = sweep.Plan("paper_ablation_cpu", [])
+    assert sweep.Plan("paper_selector_depth1_cpu", []).ablation_lr == ablation.ablation_lr
+    assert ablation.ablation_lr["intent"] == 0.01 and ablation.tasks == ["intent", "banking77"]
+    del ablation.ablation_lr["banking77"]
+    sweep.run_ablation(None, ablation)
+    assert [o for cmd in launched for o in cmd if o.startswith("method.lr=")] == ["method.lr=0.01", "method.lr=0.03"]
+    monkeypatch.setattr(sweep, "lr_choices", lambda plan, methods=None: ({}, []))
+    with pytest.raises(UserError, match="sparse has no chosen lr for banking77"):
+        sweep.run_ablation(sweep.Plan("paper_cpu", []), ablation)

@@ -12,7 +12,9 @@
 Variants for the selector study (README "Which rows"): other token-driven scores (per-example Fisher,
 label-evidence positions, gradient x weight), columns (input features) instead of rows, a depth the
 probe chooses (depth=auto), a probe through a head fitted first (probe_head_steps) or that also scores the
-position the head reads (probe_readout), and the same share of every matrix (allocation=even).
+position the head reads (probe_readout), the same share of every matrix (allocation=even), and each matrix the
+share the token probe gives it (allocation=probe: random or magnitude rows there are the control for which rows,
+apart from which matrices).
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ SELECTORS = ("token", "token_fisher", "token_contrastive", "token_x_weight", "al
 PROBED = {"token", "token_fisher", "token_contrastive", "token_x_weight", "all_positions"}
 GRANULARITIES = ("rows", "columns")
 # How the budget is shared among matrices: by_score, one ranking of every row of every matrix (the default), or
-# even, every matrix the same share of its rows, its best-scoring ones (the selector then only says which rows).
-ALLOCATIONS = ("by_score", "even")
+# even, every matrix the same share of its rows, its best-scoring ones (the selector then only says which rows), or
+# probe, every matrix as many as the token probe gives it (by_score over the token score), the selector's best ones.
+ALLOCATIONS = ("by_score", "even", "probe")
 AUTO_DEPTH_SHARE = 0.75   # depth=auto: the fewest top blocks that hold this share of an all-block selection
 
 
@@ -207,10 +210,10 @@ class Sparse(Method):
     def describe(cls, options: dict) -> dict:
         """The selector, labelled with what changes the rows it picks: the probe's variants for a probed selector
         (+head64: through a fitted head; +readout; +emb: group tokens' embedding rows compete for the budget), the
-        allocation for any (+even); random and magnitude ignore the probe's."""
+        allocation for any (+even, +probe); random and magnitude ignore the probe's unless the probe allocates."""
         o = {**cls.option_defaults(), **options}
         selector = o["selector"]
-        if selector in PROBED:
+        if selector in PROBED or o["allocation"] == "probe":
             selector += (f"+head{o['probe_head_steps']}" if o["probe_head_steps"] else "") + \
                 ("+readout" if o["probe_readout"] else "") + ("+emb" if o["embeddings"] else "")
         if o["allocation"] != "by_score":
@@ -234,10 +237,10 @@ class Sparse(Method):
             if cfg[key] < 1:
                 raise UserError(f"method.{key}={cfg[key]} is out of range: allowed >= 1")
         if cfg.allocation not in ALLOCATIONS:
-            raise UserError(f"method.allocation={cfg.allocation!r}: choose by_score or even")
-        if cfg.allocation == "even" and cfg.embeddings:
-            raise UserError("method.allocation=even shares the budget among linear layers: it cannot be used with "
-                            "method.embeddings=true")
+            raise UserError(f"method.allocation={cfg.allocation!r}: choose by_score, even or probe")
+        if cfg.allocation != "by_score" and cfg.embeddings:
+            raise UserError(f"method.allocation={cfg.allocation} shares the budget among linear layers: it cannot be "
+                            "used with method.embeddings=true")
         if cfg.probe_head_steps < 0:
             raise UserError(f"method.probe_head_steps={cfg.probe_head_steps} is out of range: allowed >= 0")
 
@@ -287,7 +290,7 @@ class Sparse(Method):
 
         groups = None
         t0 = time.perf_counter()
-        if cfg.selector.startswith("token") or cfg.embeddings:
+        if cfg.selector.startswith("token") or cfg.embeddings or cfg.allocation == "probe":
             groups = mine(context.rows, context.labels, context.tokenizer, context.max_length,
                           cfg.num_groups, cfg.min_count, cfg.max_ngram)
             report = make_report(groups, context.labels, context.tokenizer)
@@ -301,7 +304,11 @@ class Sparse(Method):
             groups = None
 
         t0 = time.perf_counter()
-        emb_scores = None
+        emb_scores = counts = None
+        if cfg.allocation == "probe":   # how many units each matrix gets: what the token probe gives it
+            rows_s, cols_s, _ = self.probe(model, context, groups, linears, rng, n_blocks - depth, kind="token")
+            counts = {name: len(idx) for name, idx in
+                      _choose(cols_s if columns else rows_s, linears, budget, columns, depth).items()}
         if cfg.selector in PROBED:
             rows_s, cols_s, emb_scores = self.probe(model, context, groups, linears, rng,
                                                     lowest=0 if cfg.embeddings else n_blocks - depth)
@@ -324,8 +331,12 @@ class Sparse(Method):
             share = np.cumsum(per_block[::-1]) / max(per_block.sum(), 1)
             depth = int(np.argmax(share >= AUTO_DEPTH_SHARE - 1e-9)) + 1
             extra["all_block_shares"] = [round(float(v), 4) for v in per_block / max(per_block.sum(), 1)]
-        picked = _choose(scores, linears, budget, columns, depth, emb_scores if cfg.embeddings else None, model,
-                         even=cfg.allocation == "even")
+        if cfg.allocation == "even":
+            top = [(name, m) for b, name, m in linears if b >= n_blocks - depth]
+            share = budget / sum(m.weight.numel() for _, m in top)
+            counts = {name: int(share * len(scores[name])) for name, _ in top}
+        picked = _best_of_each(scores, counts) if counts is not None else \
+            _choose(scores, linears, budget, columns, depth, emb_scores if cfg.embeddings else None, model)
         used = sum(len(idx) * _unit_cost(model.get_submodule(name), columns) for name, idx in picked.items())
         if not picked:
             smallest = min(_unit_cost(m, columns) for _, _, m in linears)
@@ -379,12 +390,12 @@ class Sparse(Method):
                 p.grad = None         # them at its start; a caller stepping the model itself would not)
         return init
 
-    def probe(self, model, context, groups, linears, rng, lowest: int = 0):
-        """Accumulate the selector's score per output row and per input column of every linear layer in the
-        blocks from `lowest` up: the backward pass starts at that block's input and costs nothing below it.
+    def probe(self, model, context, groups, linears, rng, lowest: int = 0, kind: str | None = None):
+        """Accumulate the selector's score (or `kind`'s) per output row and per input column of every linear layer
+        in the blocks from `lowest` up: the backward pass starts at that block's input and costs nothing below it.
         Returns (row scores, column scores, embedding scores or None), each normalized by its matrix's mean."""
         cfg = self.cfg
-        kind = cfg.selector
+        kind = kind or cfg.selector
         train, collator, tokenizer = context.train, context.collator, context.tokenizer
         bs = context.batch_size
         n = min(len(train), cfg.probe_batches * bs)
@@ -514,20 +525,16 @@ def _emb_name(emb_scores) -> str | None:
     return emb_scores[0] if emb_scores is not None else None
 
 
+def _best_of_each(scores: dict, counts: dict[str, int]) -> dict[str, list[int]]:
+    """Each matrix's `counts[name]` best-scoring units (allocation even or probe)."""
+    return {name: sorted(int(i) for i in np.argsort(-scores[name].numpy(), kind="stable")[:k])
+            for name, k in sorted(counts.items()) if k}
+
+
 def _choose(scores: dict, linears, budget: int, columns: bool, depth: int, emb_scores=None,
-            model=None, even: bool = False) -> dict[str, list[int]]:
-    """The best-scoring units of the top `depth` blocks (and embedding rows) whose parameters fit the budget; with
-    `even`, each matrix's best-scoring units, the same share of each matrix."""
+            model=None) -> dict[str, list[int]]:
+    """The best-scoring units of the top `depth` blocks (and embedding rows) whose parameters fit the budget."""
     n_blocks = 1 + max(b for b, _, _ in linears)
-    if even:
-        top = [(name, m) for b, name, m in linears if b >= n_blocks - depth]
-        share = budget / sum(m.weight.numel() for _, m in top)
-        picked = {}
-        for name, m in top:
-            k = int(share * len(scores[name]))
-            if k:
-                picked[name] = sorted(int(i) for i in np.argsort(-scores[name].numpy(), kind="stable")[:k])
-        return dict(sorted(picked.items()))
     names, units, costs, values = [], [], [], []
     for b, name, m in linears:
         if b >= n_blocks - depth:
