@@ -523,13 +523,16 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
              "(top blocks; auto: chosen by the probe) and granularity. `vs random` / `vs magnitude`: the mean "
              "paired difference (same seed: same training sample, data order and head) with its 95% t interval. "
              "An allocation=even variant is paired with the controls of the same allocation. `beats both`: both "
-             "intervals lie above 0. Validation means are what a default is chosen on.",
+             "intervals lie above 0. `vs random, its matrices`: against random rows in the matrices the "
+             "selector's probe fills, as many in each (allocation=probe), where that ran. Validation means are "
+             "what a default is chosen on.",
              index=False)
         verdict, default, why = selector_verdict(study_table)
         save("selector_verdict", verdict, "Selector study: which selector the evidence makes the default",
              "The issue's rule: a token-driven selector that beats random and magnitude (paired 95% intervals "
              "above 0, 5 or more seeds) on 3 tasks at one setting becomes the default (of several, the one with "
-             "the best mean validation); else the best mean validation score does. `main cells`: the (task, "
+             "the best mean validation at its setting); else the best mean validation score over the main cells "
+             "does. `main cells`: the (task, "
              "budget) cells at depth 2, rows where random and magnitude ran at as many seeds, at budgets run on "
              "every task; a selector is ranked by its means over them once it has run every one at those seeds "
              "(0: not ranked, e.g. a variant run at one budget, or still running)."
