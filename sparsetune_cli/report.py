@@ -231,8 +231,8 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     """Per task, budget, depth and granularity: each selector's test mean over seeds and, for the token-driven
     ones, the paired difference (same seed: same training sample, data order and head) against random and against
     magnitude, with its 95% interval (`paired seeds`: the fewer seeds of the two pairings). `beats both`: both
-    intervals lie above 0. `vs random, its matrices`: against random rows in the matrices its probe fills, as many
-    in each (allocation=probe), where that ran: whether the rows matter beyond the matrices."""
+    intervals lie above 0. `vs random, its matrices` (and magnitude): against random rows in the matrices its probe
+    fills, as many in each (allocation=probe), where that ran: whether the rows matter beyond the matrices."""
     rows = []
     for (task, budget, depth, gran), cell in df.groupby(["task", "budget", "depth", "granularity"]):
         test = cell.pivot_table(index="seed", columns="selector", values="test")
@@ -251,10 +251,11 @@ def selector_study(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
                     paired.append(n)
             row["paired seeds"] = min(paired) if paired else np.nan
             row["beats both"] = len(wins) == len(CONTROLS) and all(wins)
-            matched = "random" + sel[len(sel.split("+")[0]):] + "+probe"   # token+head64 -> random+head64+probe
-            row["vs random, its matrices"] = ""
-            if token_driven(sel) and matched in test.columns:
-                row["vs random, its matrices"] = paired_text(test[sel], test[matched])[0]
+            for name in CONTROLS:   # token+head64 -> random+head64+probe: the same probe chose the matrices
+                matched = name + sel[len(sel.split("+")[0]):] + "+probe"
+                row[f"vs {name}, its matrices"] = ""
+                if token_driven(sel) and matched in test.columns:
+                    row[f"vs {name}, its matrices"] = paired_text(test[sel], test[matched])[0]
             rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
@@ -523,9 +524,9 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
              "(top blocks; auto: chosen by the probe) and granularity. `vs random` / `vs magnitude`: the mean "
              "paired difference (same seed: same training sample, data order and head) with its 95% t interval. "
              "An allocation=even variant is paired with the controls of the same allocation. `beats both`: both "
-             "intervals lie above 0. `vs random, its matrices`: against random rows in the matrices the "
-             "selector's probe fills, as many in each (allocation=probe), where that ran. Validation means are "
-             "what a default is chosen on.",
+             "intervals lie above 0. `vs random, its matrices` (and magnitude): against random (magnitude) rows "
+             "in the matrices the selector's probe fills, as many in each (allocation=probe), where that ran. "
+             "Validation means are what a default is chosen on.",
              index=False)
         verdict, default, why = selector_verdict(study_table)
         save("selector_verdict", verdict, "Selector study: which selector the evidence makes the default",

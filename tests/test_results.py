@@ -193,9 +193,10 @@ def test_an_even_allocation_variant_is_paired_with_the_controls_of_its_allocatio
 def test_a_selector_is_compared_with_random_rows_in_the_matrices_its_probe_fills():
     from sparsetune_cli.report import selector_study
     df = study_frame({"token+head64": 0.03, "token": 0.01, "random+head64+probe": 0.025, "random": 0.0,
-                      "magnitude": 0.0})
+                      "magnitude": 0.0, "magnitude+head64+probe": 0.04})
     table = selector_study(df, ["srl"]).set_index("selector")
     assert table.loc["token+head64", "vs random, its matrices"].startswith("+0.0050")
+    assert table.loc["token+head64", "vs magnitude, its matrices"].startswith("-0.0100")
     assert table.loc["token+head64", "vs random"].startswith("+0.0300")   # the controls are unchanged
     assert table.loc["token", "vs random, its matrices"] == ""             # its own probe's control did not run
 
