@@ -2,8 +2,8 @@
 # The selector study, seed by seed (every task, budget and selector of one seed before the next), 1 thread per
 # job: a stopped study leaves complete paired seeds. WORKERS processes (default 2) take each seed's tasks in
 # opposite orders; each run folder's lock keeps two of them off the same run. Resumable: run it again.
-# STUDY=paper_selector_{head,readout,even,depth,columns,1pct,embeddings,depth1,matched}_cpu for the study's other parts;
-# SEEDS and TASKS narrow it.
+# STUDY=paper_selector_{head,readout,even,depth,columns,1pct,embeddings,depth1,matched}_cpu for the study's other
+# parts; SEEDS and TASKS narrow it.
 # Tables: make tables (results/paper/selector_study.md).
 set -u
 BIN=${BIN:-.venv/bin}

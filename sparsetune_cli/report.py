@@ -533,10 +533,9 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
              "The issue's rule: a token-driven selector that beats random and magnitude (paired 95% intervals "
              "above 0, 5 or more seeds) on 3 tasks at one setting becomes the default (of several, the one with "
              "the best mean validation at its setting); else the best mean validation score over the main cells "
-             "does. `main cells`: the (task, "
-             "budget) cells at depth 2, rows where random and magnitude ran at as many seeds, at budgets run on "
-             "every task; a selector is ranked by its means over them once it has run every one at those seeds "
-             "(0: not ranked, e.g. a variant run at one budget, or still running)."
+             "does. `main cells`: the (task, budget) cells at depth 2, rows where random and magnitude ran at as "
+             "many seeds, at budgets run on every task; a selector is ranked by its means over them once it has "
+             "run every one at those seeds (0: not ranked, e.g. a variant run at one budget, or still running)."
              f"\n\n**Default by the rule: {default}**: {why}.", index=False)
         fig = selector_plot(sdf, tasks, out)
         written.extend([fig] if fig else [])

@@ -392,6 +392,7 @@ def test_probe_allocation_fills_the_token_probes_matrices_with_the_selectors_row
             for name, r in rows.items():
                 norms = model.get_submodule(name).weight.detach().abs().sum(1)
                 assert set(r) == set(torch.topk(norms, len(r)).indices.tolist())
-    cfg, *_ = setup("tiny-encoder", "sparse", data_dir, ["method.allocation=probe", "method.embeddings=true"])
-    with pytest.raises(UserError, match="allocation=probe"):
-        get_method(cfg.method).validate()
+    for bad in ("method.embeddings=true", "method.depth=auto"):
+        cfg, *_ = setup("tiny-encoder", "sparse", data_dir, ["method.allocation=probe", bad])
+        with pytest.raises(UserError, match="allocation=probe"):
+            get_method(cfg.method).validate()

@@ -238,6 +238,9 @@ class Sparse(Method):
                 raise UserError(f"method.{key}={cfg[key]} is out of range: allowed >= 1")
         if cfg.allocation not in ALLOCATIONS:
             raise UserError(f"method.allocation={cfg.allocation!r}: choose by_score, even or probe")
+        if cfg.allocation == "probe" and cfg.depth == "auto":
+            raise UserError("method.allocation=probe fills the token probe's matrices at a given depth: set "
+                            "method.depth to a number of blocks or all, not auto")
         if cfg.allocation != "by_score" and cfg.embeddings:
             raise UserError(f"method.allocation={cfg.allocation} shares the budget among linear layers: it cannot be "
                             "used with method.embeddings=true")
@@ -305,7 +308,8 @@ class Sparse(Method):
 
         t0 = time.perf_counter()
         emb_scores = counts = None
-        if cfg.allocation == "probe":   # how many units each matrix gets: what the token probe gives it
+        if cfg.allocation == "probe":   # how many units each matrix gets: what the token probe gives it (a probed
+            # selector then probes again, on the next batches, for which units)
             rows_s, cols_s, _ = self.probe(model, context, groups, linears, rng, n_blocks - depth, kind="token")
             counts = {name: len(idx) for name, idx in
                       _choose(cols_s if columns else rows_s, linears, budget, columns, depth).items()}
