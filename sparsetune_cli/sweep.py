@@ -172,7 +172,9 @@ def run_seeds(plan: Plan) -> None:
 
 
 def run_ablation(plan: Plan, ablation: Plan) -> None:
-    chosen, _ = lr_choices(plan, ["sparse"])
+    # the main grid's records are read only for tasks the ablation does not pin (the study pins all of its own)
+    unpinned = [task for task in ablation.tasks if task not in ablation.ablation_lr]
+    chosen = lr_choices(plan, ["sparse"])[0] if unpinned else {}
     for task in ablation.tasks:
         lr = ablation.ablation_lr.get(task, chosen.get((task, "sparse")))
         if lr is None:
