@@ -132,7 +132,7 @@ def _paper(args: list[str]) -> None:
     from .report import write_tables
     p = argparse.ArgumentParser(prog="sparsetune paper", description=sweep.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("all",) + sweep.STAGES, default="all")
+    p.add_argument("--stage", choices=("all",) + sweep.STAGES + ("status",), default="all")
     p.add_argument("--experiment", default="paper_cpu", help="the main grid (configs/experiment/)")
     p.add_argument("--ablation", default="paper_ablation_cpu", help="the sparse ablation; 'none' to skip")
     p.add_argument("--study", default="paper_selector_cpu,paper_selector_head_cpu,paper_selector_readout_cpu,"
@@ -148,6 +148,9 @@ def _paper(args: list[str]) -> None:
     plan = sweep.Plan(a.experiment, a.overrides, a.lr_extend)
     ablation = None if a.ablation == "none" else sweep.Plan(a.ablation, a.overrides)
     study = [] if a.study == "none" else [sweep.Plan(name, a.overrides) for name in a.study.split(",")]
+    if a.stage == "status":
+        print(status_text(sweep.progress(plan), plan.experiment))
+        return
     stages = sweep.STAGES if a.stage == "all" else (a.stage,)
     try:
         if "grid" in stages:
@@ -161,6 +164,16 @@ def _paper(args: list[str]) -> None:
     if "tables" in stages:
         for path in write_tables(plan, ablation, Path(a.out), study):
             print(f"wrote {path}")
+
+
+def status_text(rows: list[dict], experiment: str) -> str:
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    known = df["hours to go"].notna()
+    return (f"experiment={experiment}: {df['runs to go'].sum()} runs to go (at least), "
+            f"{df['hours spent'].sum():.1f} training hours spent, about {df.loc[known, 'hours to go'].sum():.1f} to go "
+            f"in the {known.sum()} cells with a finished run ({(~known).sum()} cells have none to estimate from)\n\n"
+            + df.fillna("?").to_markdown(index=False))
 
 
 def _tokens(args: list[str]) -> None:

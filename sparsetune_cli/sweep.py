@@ -4,6 +4,7 @@ Stages (each resumable: completed runs are skipped, interrupted ones resume):
   grid      every task x method at seed 0, once per learning rate in the method's lr_grid
   seeds     every task x method at the lr that won on validation in the grid, for all seeds
   ablation  the sparse ablation sweep, at sparse's chosen lr for each task (or the ablation's own ablation_lr)
+  status    where each (task, method) stands and the hours still to go; runs nothing
 The tables stage is report.py's.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .config import compose
 from .errors import UserError
-from .record import RunRecord, collect
+from .record import CHECKPOINTS, CONFIG_FILE, RunRecord, collect, read_record
 
 log = logging.getLogger(__name__)
 STAGES = ("grid", "seeds", "ablation", "tables")   # tables: report.write_tables
@@ -60,6 +61,10 @@ class Plan:
         prefix = f"experiment={self.experiment},"
         return [r for r in collect([self.runs / task / self.backbone / method])
                 if r.variant.startswith(prefix) and (extra is None or extra in r.variant.split(","))]
+
+    def run_dirs(self, task: str, method: str) -> list[Path]:
+        """Every run folder of this experiment in one (task, method) cell, finished or not."""
+        return sorted(self.runs.glob(f"{task}/{self.backbone}/{method}/experiment={self.experiment},*/seed*"))
 
 
 def launch(overrides: list[str]) -> None:
@@ -189,3 +194,43 @@ def main_records(plan: Plan) -> list[RunRecord]:
     return [r for (task, method), lr in chosen.items() for r in plan.records(task, method, f"method.lr={fmt_lr(lr)}")]
 
 
+
+
+def progress(plan: Plan) -> list[dict]:
+    """Where each (task, method) cell stands, without touching a run (a status check may run beside the
+    workers): grid points and seeds finished, runs started but not finished (the step of their newest
+    checkpoint), the training hours spent, and the hours still to go, estimated from the cell's finished runs
+    (None before one has finished). A grid still open may widen, so its runs to go are a lower bound."""
+    chosen, _ = lr_choices(plan)
+    rows = []
+    for task in plan.tasks:
+        for method in plan.methods:
+            grid_runs, todo = lr_cell(plan, task, method, plan.lr_extend)
+            lr = chosen.get((task, method))
+            done, started, spent = [], [], 0.0
+            for run_dir in plan.run_dirs(task, method):
+                rec = read_record(run_dir)
+                spent += (rec.cost or {}).get("train_seconds", 0.0) if rec is not None else 0.0
+                if rec is not None and rec.status == "completed":
+                    done.append(rec)
+                elif (run_dir / CONFIG_FILE).is_file():   # written when a run starts
+                    steps = [int(p.name.rsplit("-", 1)[1]) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*")
+                             if p.name.rsplit("-", 1)[1].isdigit()]
+                    started.append((run_dir, max(steps, default=0)))
+            seeds_done = [r.seed for r in done if lr is not None and fmt_lr(r.config["method"]["lr"]) == fmt_lr(lr)]
+            to_go = len(todo) + len(plan.seeds) - (len(seeds_done) if lr is not None else 1)   # seed 0: a grid run
+            hours_to_go, timed = None, [r.cost for r in done if (r.cost or {}).get("steps")]
+            if timed:   # a finished run's time, less the steps each started run has already made
+                per_run = sum(c["train_seconds"] for c in timed) / len(timed)
+                per_step = per_run / (sum(c["steps"] for c in timed) / len(timed))
+                hours_to_go = max(0.0, to_go * per_run - sum(step * per_step for _, step in started)) / 3600
+            rows.append({"task": task, "method": method,
+                         "grid": f"{len(grid_runs)} done" if not todo else
+                                 f"lr {', '.join(fmt_lr(x) for x in todo)} to run",
+                         "lr": fmt_lr(lr) if lr is not None else "",
+                         "seeds done": f"{len(seeds_done)}/{len(plan.seeds)}",
+                         "started": ", ".join(f"{d.parent.name.split(',', 1)[1]} {d.name} at step {step}"
+                                              for d, step in started),
+                         "runs to go": to_go, "hours spent": round(spent / 3600, 2),
+                         "hours to go": None if hours_to_go is None else round(hours_to_go, 2)})
+    return rows

@@ -397,3 +397,49 @@ def test_an_ablation_runs_at_its_pinned_lr_where_it_has_one(monkeypatch):
     monkeypatch.setattr(sweep, "lr_choices", lambda plan, methods=None: ({}, []))
     with pytest.raises(UserError, match="sparse has no chosen lr for banking77"):
         sweep.run_ablation(sweep.Plan("paper_cpu", []), ablation)
+
+
+def test_paper_status_counts_what_is_done_started_and_left_without_touching_a_run(tmp_path):
+    """`sparsetune paper --stage status`: a grid that is done has its lr and seeds counted, a run cut off is shown
+    at its newest checkpoint's step, and the hours to go come from the cell's finished runs less that progress."""
+    from sparsetune_cli import sweep
+    from sparsetune_cli.cli import status_text
+    from sparsetune_cli.record import RunRecord
+    plan = sweep.Plan("paper_smoke", [f"output_root={tmp_path}"])
+    plan.tasks, plan.methods = ["trec"], ["sparse", "full"]
+
+    def write(method, lr, seed, status, seconds, steps, score=0.5):
+        run_dir = plan.runs / "trec" / plan.backbone / method / f"experiment=paper_smoke,method.lr={lr}" / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text("{}")
+        RunRecord.from_dict({"status": status, "task": "trec", "method": method, "seed": seed,
+                             "headline_metric": "accuracy", "config": {"method": {"lr": lr}},
+                             "cost": {"train_seconds": seconds, "steps": steps},
+                             "metrics": {"validation": {"accuracy": score}, "test": {"accuracy": score}}
+                             if status == "completed" else None}).write(run_dir)
+        return run_dir
+    for lr, score in ((0.001, 0.5), (0.003, 0.7), (0.01, 0.6), (0.03, 0.4)):
+        write("sparse", lr, 0, "completed", 3600.0, 100, score)
+    cut_off = write("full", 0.0001, 0, "interrupted", 1800.0, 40)
+    (cut_off / "checkpoints" / "checkpoint-40").mkdir(parents=True)
+    (cut_off / "checkpoints" / "checkpoint-40" / "partial").write_text("a checkpoint being written")
+
+    rows = {r["method"]: r for r in sweep.progress(plan)}
+    assert rows["sparse"] == {"task": "trec", "method": "sparse", "grid": "4 done", "lr": "0.003",
+                              "seeds done": "1/2", "started": "", "runs to go": 1, "hours spent": 4.0,
+                              "hours to go": 1.0}
+    full = rows["full"]
+    assert full["grid"] == "lr 0.0001, 0.0003, 0.001, 0.003 to run" and full["lr"] == ""
+    assert full["started"] == "method.lr=0.0001 seed0 at step 40" and full["runs to go"] == 5
+    assert full["hours spent"] == 0.5 and full["hours to go"] is None   # no finished run to estimate from
+    assert (cut_off / "checkpoints" / "checkpoint-40" / "partial").exists()   # left as it was
+
+    write("full", 0.0003, 0, "completed", 7200.0, 100)   # 72 s a step: the cut-off run has 60 steps left
+    full = {r["method"]: r for r in sweep.progress(plan)}["full"]
+    assert full["runs to go"] == 4 and full["hours to go"] == round((4 * 7200 - 40 * 72) / 3600, 2)
+    text = status_text(sweep.progress(plan), plan.experiment)
+    assert text.startswith("experiment=paper_smoke: 5 runs to go (at least), 6.5 training hours spent, about 8.2 to "
+                           "go in the 2 cells with a finished run (0 cells have none to estimate from)")
+    proc = sparsetune("paper", "--experiment", "paper_smoke", "--stage", "status", f"output_root={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "method.lr=0.0001 seed0 at step 40" in proc.stdout and "| intent " in proc.stdout
