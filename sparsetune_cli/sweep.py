@@ -194,8 +194,6 @@ def main_records(plan: Plan) -> list[RunRecord]:
     return [r for (task, method), lr in chosen.items() for r in plan.records(task, method, f"method.lr={fmt_lr(lr)}")]
 
 
-
-
 def progress(plan: Plan) -> list[dict]:
     """Where each (task, method) cell stands, without touching a run (a status check may run beside the
     workers): grid points and seeds finished, runs started but not finished (the step of their newest
