@@ -146,11 +146,11 @@ def _paper(args: list[str]) -> None:
     p.add_argument("overrides", nargs="*", help="hydra options (e.g. hydra/launcher=joblib), backbone, output_root")
     a = p.parse_args(args)
     plan = sweep.Plan(a.experiment, a.overrides, a.lr_extend)
-    ablation = None if a.ablation == "none" else sweep.Plan(a.ablation, a.overrides)
-    study = [] if a.study == "none" else [sweep.Plan(name, a.overrides) for name in a.study.split(",")]
     if a.stage == "status":
         print(status_text(sweep.progress(plan), plan.experiment))
         return
+    ablation = None if a.ablation == "none" else sweep.Plan(a.ablation, a.overrides)
+    study = [] if a.study == "none" else [sweep.Plan(name, a.overrides) for name in a.study.split(",")]
     stages = sweep.STAGES if a.stage == "all" else (a.stage,)
     try:
         if "grid" in stages:

@@ -132,6 +132,11 @@ def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, 
             return {fmt_lr(lr): runs[fmt_lr(lr)] for lr in grid}, []
 
 
+def best_lr(runs: dict[str, RunRecord]) -> float:
+    """The lr of a finished grid with the best seed-0 validation score (ties: the smaller lr)."""
+    return max(runs.values(), key=lambda r: (r.headline(), -r.config["method"]["lr"])).config["method"]["lr"]
+
+
 def lr_choices(plan: Plan, methods: list[str] | None = None) -> tuple[dict[tuple[str, str], float], list[str]]:
     """(task, method) -> the lr with the best seed-0 validation score on its (widened) grid (ties: the
     smaller lr), and the (task, method) cells whose grid is not finished yet."""
@@ -142,8 +147,7 @@ def lr_choices(plan: Plan, methods: list[str] | None = None) -> tuple[dict[tuple
             if todo:
                 missing.append(f"{task}/{method} (lr {', '.join(fmt_lr(lr) for lr in todo)} to run)")
                 continue
-            best = max(runs.values(), key=lambda r: (r.headline(), -r.config["method"]["lr"]))
-            chosen[task, method] = best.config["method"]["lr"]
+            chosen[task, method] = best_lr(runs)
     return chosen, missing
 
 
@@ -199,12 +203,11 @@ def progress(plan: Plan) -> list[dict]:
     workers): grid points and seeds finished, runs started but not finished (the step of their newest
     checkpoint), the training hours spent, and the hours still to go, estimated from the cell's finished runs
     (None before one has finished). A grid still open may widen, so its runs to go are a lower bound."""
-    chosen, _ = lr_choices(plan)
     rows = []
     for task in plan.tasks:
         for method in plan.methods:
             grid_runs, todo = lr_cell(plan, task, method, plan.lr_extend)
-            lr = chosen.get((task, method))
+            lr = best_lr(grid_runs) if not todo else None
             done, started, spent = [], [], 0.0
             for run_dir in plan.run_dirs(task, method):
                 rec = read_record(run_dir)
