@@ -3,9 +3,7 @@
 # accelerate but not this project's venv: wheels of the rest, MiniLM in bf16 (45 MB instead of 90),
 # SmolLM2's tokenizer and config (its weights do not fit beside MiniLM in 64 MiB: the check runs its
 # architecture with random weights), and the intent data. Writes .gpu_bundle/ (git-ignored).
-#   make gpu-bundle, then on the GPU machine:
-#   pip install --no-index --no-deps --target /tmp/site .gpu_bundle/wheels/*.whl && export PYTHONPATH=/tmp/site
-#   python3 scripts/gpu_check.py --data-dir .gpu_bundle/data --minilm .gpu_bundle/minilm-bf16 --smollm .gpu_bundle/smollm2
+#   make gpu-bundle, copy the repo with .gpu_bundle/ to the GPU machine, and there: bash scripts/gpu_offline.sh OUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,6 +15,8 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$OUT/wheels" "$(pin hydra-core)" "$(pin omegaconf)" "$(pin hydra-joblib-launcher)" "$(pin datasets)" \
   dill multiprocess
+# datasets 5.1+ needs pyarrow>=24: an older machine gets 5.0 (pyarrow>=21) instead (scripts/gpu_offline.sh picks)
+$PY -m pip download -q --no-deps --only-binary=:all: -d "$OUT/wheels/pyarrow-before-24" datasets==5.0.0
 # antlr4 (hydra's parser) is published as source only: build its pure-Python wheel here
 $PY -m pip wheel -q --no-deps -w "$OUT/wheels" antlr4-python3-runtime==4.9.3
 $PY - "$OUT" <<'PY'

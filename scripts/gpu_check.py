@@ -10,16 +10,16 @@ Cases (each a real `sparsetune run` in its own process, on real data):
   sweep/parallel       a 2-job multirun under hydra/launcher=parallel (one GPU per job when there are several)
   determinism          sparse twice with train.deterministic=true (must repeat bit for bit) and twice without
                        (reported: whether it repeats)
-  bench                scripts/bench.py --quick on the GPU in bf16: step-time ratios to full, merged inference
+  bench                scripts/bench.py on the GPU in bf16 (20 timed steps, no memory children): step-time ratios to
+                       full, the frozen-bottom cache's variants, merged inference
 
 Without CUDA it prints "no CUDA device: nothing checked" and exits 0 without writing a report (never a
 pass). --allow-cpu runs the same cases on the CPU (fp16 cases skipped): how the tests check this script.
 
     python scripts/gpu_check.py
-    # on a machine with no network, from the bundle that `make gpu-bundle` writes (README, "GPUs and mixed
-    # precision"):
-    python scripts/gpu_check.py --data-dir .gpu_bundle/data --minilm .gpu_bundle/minilm-bf16 \\
-        --smollm .gpu_bundle/smollm2
+    # on a machine with no network and no venv, from the bundle that `make gpu-bundle` writes (README, "GPUs
+    # and mixed precision"): it installs the bundle's wheels and runs this script on the bundle's models and data
+    bash scripts/gpu_offline.sh OUT_DIR
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def finite_completed(rec: dict) -> bool:
 class Check:
     def __init__(self, args):
         self.args = args
-        self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+        self.work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
+        self.work.mkdir(parents=True, exist_ok=True)
         self.device = "cuda" if not args.allow_cpu else "cpu"
         self.results: dict[str, dict] = {}
 
@@ -148,7 +149,10 @@ class Check:
     def case_bench(self) -> dict:
         out = self.work / "bench"
         backbone = self.args.backbone
-        argv = [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--device", self.device,
+        # On a GPU steps take milliseconds: bench's default 20 timed steps and its cached variants, without its
+        # memory children (each run above measured its own); --quick (3 steps) where the tests run it on the CPU.
+        speed = ["--skip-memory"] if self.device == "cuda" else ["--quick"]
+        argv = [sys.executable, str(REPO / "scripts" / "bench.py"), *speed, "--device", self.device,
                 "--precision", "bf16", "--out", str(out), "--backbone", backbone]
         if self.args.minilm and backbone == "minilm":   # bench composes configs itself: point it at the folder
             argv += ["--override", "backbone.package=null", f"backbone.hub_id={Path(self.args.minilm).resolve()}"]
@@ -228,9 +232,9 @@ def report(check: Check, env: dict, seconds: float) -> str:
     bench = check.bench
     if full.get("peak_memory_mb") or bench:
         lines += ["", "Ratios to full finetuning in bf16: peak memory from each run's own process "
-                  "(torch.cuda.max_memory_allocated), step time from `scripts/bench.py --quick` (interleaved, alone "
-                  "on the device).", "", "| method | peak memory ÷ full | step time ÷ full |", "|---|---|---|"]
-        for m in METHODS:
+                  "(torch.cuda.max_memory_allocated), step time from `scripts/bench.py` (interleaved, alone on the "
+                  "device; a name ending in _cached trains from the frozen-bottom cache).", "", "| method | peak memory ÷ full | step time ÷ full |", "|---|---|---|"]
+        for m in METHODS + [v for v in (bench["train"] if bench else {}) if v not in METHODS]:
             r = res.get(f"bf16/{m}", {})
             mem = r["peak_memory_mb"] / full["peak_memory_mb"] if r.get("peak_memory_mb") and full.get(
                 "peak_memory_mb") else None
@@ -255,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--workers", type=int, default=3, help="cases sharing the device at once")
     p.add_argument("--timeout", type=int, default=600, help="seconds per case")
+    p.add_argument("--work", help="folder for each case's runs and logs (default: a new temporary folder)")
     p.add_argument("--cases", help="comma-separated subset of the case names (and bench)")
     p.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)   # tests: the same cases on the CPU
     args = p.parse_args(argv)

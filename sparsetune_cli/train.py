@@ -100,7 +100,8 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
                    "sizes": {s: len(d) for s, d in datasets.items()}, "truncated": truncated,
                    "fingerprint": data.fingerprint}
 
-    model = load_model(cfg.backbone, len(data.labels), tokenizer, cfg.seed)
+    # on the training device from the start: the sparse probe and the frozen-bottom cache run there, not on the CPU
+    model = load_model(cfg.backbone, len(data.labels), tokenizer, cfg.seed).to(train_device(cfg.train))
     context = method_context(cfg, data, datasets, tokenizer, run_dir if main else None)
     t0 = time.perf_counter()
     model = prepare_model(cfg, method, model, context)
@@ -270,6 +271,12 @@ def method_context(cfg, data, datasets, tokenizer, artifacts: Path | None = None
                          collator=DataCollatorWithPadding(tokenizer),
                          tokenizer=tokenizer, labels=data.labels, max_length=cfg.task.max_length,
                          batch_size=cfg.train.batch_size, seed=cfg.seed, artifacts=artifacts)
+
+
+def train_device(t) -> torch.device:
+    """Where the Trainer puts the model: this rank's GPU under torchrun or accelerate, the GPU, or the CPU."""
+    cuda, _ = resolve_precision(t)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
 
 
 def peak_memory_mb() -> float:

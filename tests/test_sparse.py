@@ -165,6 +165,15 @@ def test_row_delta_gradients_match_autograd_of_the_plain_formula():
     assert base.weight.grad is None
 
 
+def test_the_row_deltas_live_on_their_weights_device():
+    """The probe and the swap run on the training device (a GPU): an index left on the CPU beside a GPU weight
+    fails index_add. The meta device stands in for the GPU here; scripts/gpu_check.py runs it on one."""
+    from sparsetune_cli.methods.sparse import RowDeltaEmbedding
+    linear = DeltaLinear(torch.nn.Linear(6, 5, device="meta"), torch.tensor([1, 3]))
+    emb = RowDeltaEmbedding(torch.nn.Embedding(9, 4, device="meta"), torch.tensor([2, 7]))
+    assert {t.device.type for t in (linear.rows, linear.delta, emb.rows, emb.slot, emb.delta)} == {"meta"}
+
+
 @pytest.mark.parametrize("backbone", ["tiny-encoder", "tiny-decoder"])
 def test_probe_scores_of_the_top_blocks_do_not_depend_on_where_the_backward_starts(backbone, data_dir):
     import numpy as np

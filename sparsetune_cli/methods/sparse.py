@@ -112,7 +112,7 @@ class DeltaLinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.register_buffer("rows", index.to(torch.long), persistent=False)   # rows, or columns when dim=1
+        self.register_buffer("rows", index.to(base.weight.device, torch.long), persistent=False)   # or columns
         shape = (len(index), base.in_features) if dim == 0 else (base.out_features, len(index))
         self.delta = nn.Parameter(torch.zeros(shape, dtype=master_dtype(base.weight), device=base.weight.device))
 
@@ -140,9 +140,10 @@ class RowDeltaEmbedding(nn.Embedding):
         self.norm_type, self.scale_grad_by_freq, self.sparse = base.norm_type, base.scale_grad_by_freq, False
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        slot = torch.full((base.num_embeddings,), -1, dtype=torch.long)
-        slot[rows.to(torch.long)] = torch.arange(len(rows))
-        self.register_buffer("rows", rows.to(torch.long), persistent=False)
+        rows = rows.to(base.weight.device, torch.long)
+        slot = torch.full((base.num_embeddings,), -1, dtype=torch.long, device=rows.device)
+        slot[rows] = torch.arange(len(rows), device=rows.device)
+        self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("slot", slot, persistent=False)
         self.delta = nn.Parameter(torch.zeros(len(rows), base.embedding_dim, dtype=master_dtype(base.weight),
                                               device=base.weight.device))
@@ -177,7 +178,7 @@ def readout_positions(model, attention_mask: torch.Tensor) -> torch.Tensor:
     this position's outputs reach the loss, so a probe that skips it cannot score that block's feed-forward."""
     if hasattr(model, "score"):   # either padding side
         return attention_mask.shape[1] - 1 - attention_mask.flip(1).int().argmax(1)
-    return torch.zeros(len(attention_mask), dtype=torch.long)
+    return torch.zeros(len(attention_mask), dtype=torch.long, device=attention_mask.device)
 
 
 def _replace(model, name: str, new: nn.Module) -> None:
@@ -318,7 +319,7 @@ class Sparse(Method):
                                                     lowest=0 if cfg.embeddings else n_blocks - depth)
             scores = cols_s if columns else rows_s
         elif cfg.selector == "magnitude":
-            scores = {name: _normalized(m.weight.detach().abs().sum(0 if columns else 1).double())
+            scores = {name: _normalized(m.weight.detach().abs().sum(0 if columns else 1).double()).cpu()
                       for _, name, m in linears}
         else:  # random
             scores = {name: torch.from_numpy(rng.random(m.in_features if columns else m.out_features))
@@ -406,9 +407,10 @@ class Sparse(Method):
         idx = rng.choice(len(train), size=n, replace=False)
         enc = encode(tokenizer, [context.rows[i] for i in idx], context.max_length) if groups else None
         label_id = {name: i for i, name in enumerate(context.labels)}
+        device = next(model.parameters()).device   # the training device: on a GPU the probe runs there
 
-        row_s = {name: torch.zeros(m.out_features, dtype=torch.float64) for _, name, m in linears}
-        col_s = {name: torch.zeros(m.in_features, dtype=torch.float64) for _, name, m in linears}
+        row_s = {name: torch.zeros(m.out_features, dtype=torch.float64, device=device) for _, name, m in linears}
+        col_s = {name: torch.zeros(m.in_features, dtype=torch.float64, device=device) for _, name, m in linears}
         emb = model.get_input_embeddings()
         emb_name = next(n for n, m in model.named_modules() if m is emb)
         vocab_grad = {}
@@ -449,7 +451,7 @@ class Sparse(Method):
                     return
                 g = (g.detach().float() * mask.unsqueeze(-1)).reshape(-1, g.shape[-1])
                 flat = ids.reshape(-1)
-                acc = torch.zeros(module.num_embeddings, g.shape[-1]).index_add_(0, flat, g)
+                acc = g.new_zeros(module.num_embeddings, g.shape[-1]).index_add_(0, flat, g)
                 for t in current["group_ids"]:
                     vocab_grad[t] = vocab_grad.get(t, 0) + acc[t].double().pow(2).sum().item()
             out.register_hook(on_grad)
@@ -459,7 +461,7 @@ class Sparse(Method):
             return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
 
         batches = [list(range(start, min(n, start + bs))) for start in range(0, n, bs)]
-        collated = [collator([train[int(idx[i])] for i in b]) for b in batches]
+        collated = [{k: v.to(device) for k, v in collator([train[int(idx[i])] for i in b]).items()} for b in batches]
         head_init = self.fit_head(model, collated) if cfg.probe_head_steps else None
         for b, name, m in linears:
             if b >= lowest:
@@ -489,8 +491,10 @@ class Sparse(Method):
                             mask[row, :len(m)] = torch.from_numpy(m)
                 else:
                     mask = batch["attention_mask"].float()
+                mask = mask.to(device)
                 if cfg.probe_readout:
-                    mask[torch.arange(len(mask)), readout_positions(model, batch["attention_mask"])] = 1.0
+                    read = readout_positions(model, batch["attention_mask"])
+                    mask[torch.arange(len(mask), device=device), read] = 1.0
                 current["mask"] = mask
                 model(**batch).loss.backward()
         finally:
@@ -509,8 +513,8 @@ class Sparse(Method):
             ids = np.array(sorted(vocab_grad))
             vals = np.array([vocab_grad[t] for t in ids])
             emb_scores = (emb_name, ids, vals / max(vals.mean(), 1e-30))
-        return ({k: _normalized(v) for k, v in row_s.items()}, {k: _normalized(v) for k, v in col_s.items()},
-                emb_scores)
+        return ({k: _normalized(v).cpu() for k, v in row_s.items()},
+                {k: _normalized(v).cpu() for k, v in col_s.items()}, emb_scores)
 
 
 def _normalized(v: torch.Tensor) -> torch.Tensor:
