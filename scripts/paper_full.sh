@@ -4,7 +4,8 @@
 # run, so they share the grid without running a cell twice. The CORE methods go first (their lr grid, then every
 # seed), then the experiment's other methods. Resumable: stop it any time (Ctrl-C, kill) and run it again.
 #   WORKERS=2 bash scripts/paper_full.sh        (make paper-full; OUTPUT_ROOT=DIR puts the runs under DIR/runs)
-# EXPERIMENT, TASKS, CORE and OUT run another experiment the same way (the tests run paper_smoke).
+# EXPERIMENT, TASKS, CORE and OUT run another experiment the same way (the tests run paper_smoke); CORE_ONLY=1 leaves
+# the experiment's other methods for later (the core of every task first).
 set -u
 BIN=${BIN:-.venv/bin}
 WORKERS=${WORKERS:-2}
@@ -18,9 +19,10 @@ paper() {   # $1: worker, $2: stage, $3: the methods (empty: the experiment's ow
     ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} train.threads=1 "hydra.sweeper.params.task='${ORDERS[$(($1 % 2))]}'" \
     ${3:+"hydra.sweeper.params.method='$3'"}
 }
+METHOD_SETS=("$CORE"); [ "${CORE_ONLY:-0}" = 1 ] || METHOD_SETS+=("")   # "": the experiment's own list
 worker() {  # a second pass picks up what the first left because the other worker still held it
   for pass in 1 2; do
-    for methods in "$CORE" ""; do
+    for methods in "${METHOD_SETS[@]}"; do
       paper "$1" grid "$methods"
       paper "$1" seeds "$methods"
     done
