@@ -2,14 +2,15 @@
 # Everything `scripts/gpu_check.py` needs on an offline GPU machine that has torch, transformers, peft and
 # accelerate but not this project's venv: wheels of the rest, MiniLM in bf16 (45 MB instead of 90),
 # SmolLM2's tokenizer and config (its weights do not fit beside MiniLM in 64 MiB: the check runs its
-# architecture with random weights), and the intent data. Writes .gpu_bundle/ (git-ignored).
-#   make gpu-bundle, copy the repo with .gpu_bundle/ to the GPU machine, and there: bash scripts/gpu_offline.sh OUT_DIR
+# architecture with random weights), and the five tasks' data. Writes .gpu_bundle/ (git-ignored).
+#   make gpu-bundle, copy the repo with .gpu_bundle/ to the GPU machine, and there: bash scripts/gpu_offline.sh check
+#   OUT_DIR (the check) or grid OUT_DIR (experiment=paper_full_gpu, the converged comparison)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=.gpu_bundle
 PYVER=${GPU_PYTHON:-3.12}     # the GPU machine's Python
-rm -rf "$OUT" && mkdir -p "$OUT/wheels" "$OUT/data"
+rm -rf "$OUT" && mkdir -p "$OUT/wheels"
 pin() { grep -i "^$1==" constraints.txt; }
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -37,7 +38,8 @@ bb = compose(["backbone=smollm2-135m"]).backbone
 where = weights_location(bb)
 AutoTokenizer.from_pretrained(where, gguf_file=bb.gguf_file).save_pretrained(out / "smollm2")
 AutoConfig.from_pretrained(where, gguf_file=bb.gguf_file).save_pretrained(out / "smollm2")
-data = Path(compose([]).get("data_dir") or Path("..") / "shared" / "data")
-shutil.copytree(data / "clinc150", out / "data" / "clinc150", ignore=shutil.ignore_patterns("oos_*"))
 PY
+# the five tasks' data, compressed (13 MB of JSON Lines would not fit beside MiniLM): gpu_offline.sh unpacks it
+DATA=${SPARSETUNE_DATA_DIR:-../shared/data}
+tar czf "$OUT/data.tgz" -C "$DATA" --exclude 'oos_*' clinc150 trec banking77 srl abt_buy
 du -sh "$OUT" "$OUT"/*

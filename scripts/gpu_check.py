@@ -19,7 +19,7 @@ pass). --allow-cpu runs the same cases on the CPU (fp16 cases skipped): how the 
     python scripts/gpu_check.py
     # on a machine with no network and no venv, from the bundle that `make gpu-bundle` writes (README, "GPUs
     # and mixed precision"): it installs the bundle's wheels and runs this script on the bundle's models and data
-    bash scripts/gpu_offline.sh OUT_DIR
+    bash scripts/gpu_offline.sh check OUT_DIR
 """
 from __future__ import annotations
 

@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# `make gpu-check` on an offline GPU machine that has torch, transformers, peft and accelerate but not this
-# project's venv, from the bundle `make gpu-bundle` writes. Copy the repo with .gpu_bundle/ over, then in its root:
-#   bash scripts/gpu_offline.sh OUT_DIR [more gpu_check.py arguments]
-# Writes OUT_DIR/gpu_check.md, OUT_DIR/gpu_check.log and OUT_DIR/gpu_check_logs.tgz (each case's log and record).
+# GPU work on an offline machine that has torch, transformers, peft and accelerate but not this project's venv,
+# from the bundle `make gpu-bundle` writes. Copy the repo with .gpu_bundle/ over, then in its root:
+#   bash scripts/gpu_offline.sh check OUT_DIR [gpu_check.py arguments]
+#       `make gpu-check`: OUT_DIR/gpu_check.md, gpu_check.log and gpu_check_logs.tgz (each case's log and record)
+#   DEADLINE=480 WORKERS=6 bash scripts/gpu_offline.sh grid OUT_DIR
+#       the converged comparison (experiment=paper_full_gpu, scripts/paper_full.sh) with WORKERS runs sharing the
+#       GPU until DEADLINE seconds have passed; the runs still going are then stopped (their checkpoints stay on
+#       that machine). Every completed record of the experiment goes into OUT_DIR/records.tgz: unpack it in the
+#       repo root here and commit the metrics.json files; the next call skips those runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:?usage: bash scripts/gpu_offline.sh OUT_DIR [gpu_check.py arguments]}; shift
+MODE=${1:?usage: bash scripts/gpu_offline.sh check|grid OUT_DIR [gpu_check.py arguments]}
+OUT_DIR=${2:?usage: bash scripts/gpu_offline.sh check|grid OUT_DIR [gpu_check.py arguments]}
+shift 2
 PY=${PYTHON:-python3}
 B=${BUNDLE:-.gpu_bundle}
 SITE=${SITE:-/tmp/sparsetune_site}
@@ -23,11 +30,29 @@ if ! "$PY" -c 'import sys, pyarrow; sys.exit(int(pyarrow.__version__.split(".")[
   wheels="$(ls $B/wheels/*.whl | grep -v /datasets-) $(ls $B/wheels/pyarrow-before-24/*.whl)"
 fi
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -d "$B/data" ] || { mkdir -p "$B/data" && tar xzf "$B/data.tgz" -C "$B/data"; }
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
+  TOKENIZERS_PARALLELISM=false SPARSETUNE_DATA_DIR="$(realpath "$B/data")"
 rc=0
-"$PY" scripts/gpu_check.py --data-dir $B/data --minilm $B/minilm-bf16 --smollm $B/smollm2 \
-  --out "$OUT_DIR/gpu_check.md" --work "$OUT_DIR/work" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log" || rc=$?
-# the small files only: logs and records, no weights
-(cd "$OUT_DIR/work" && find . \( -name '*.txt' -o -name '*.log' -o -name '*.json' -o -name '*.yaml' \) -print0 |
-  tar czf ../gpu_check_logs.tgz --null -T -) && rm -rf "$OUT_DIR/work"
+case "$MODE" in
+  check)
+    "$PY" scripts/gpu_check.py --data-dir "$B/data" --minilm "$B/minilm-bf16" --smollm "$B/smollm2" \
+      --out "$OUT_DIR/gpu_check.md" --work "$OUT_DIR/work" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log" || rc=$?
+    # the small files only: logs and records, no weights
+    (cd "$OUT_DIR/work" && find . \( -name '*.txt' -o -name '*.log' -o -name '*.json' -o -name '*.yaml' \) -print0 |
+      tar czf ../gpu_check_logs.tgz --null -T -) && rm -rf "$OUT_DIR/work" ;;
+  grid)
+    # timeout signals the whole process group: every run saves an interrupted record, as on Ctrl-C
+    EXPERIMENT=${EXPERIMENT:-paper_full_gpu}   # the tests run paper_smoke
+    SPARSETUNE="$PY -m sparsetune_cli.cli" EXPERIMENT=$EXPERIMENT OUT=results/$EXPERIMENT \
+      CORE_ONLY=${CORE_ONLY:-1} WORKERS=${WORKERS:-6} timeout -s TERM "${DEADLINE:-480}" bash scripts/paper_full.sh \
+      > /tmp/grid.log 2>&1 || rc=$?
+    [ $rc = 124 ] && rc=0   # the deadline, not a failure
+    tail -c 2000000 /tmp/grid.log > "$OUT_DIR/grid.log"
+    { find "${OUTPUT_ROOT:-results}/runs" -path "*experiment=$EXPERIMENT*" -name metrics.json -print0 |
+      xargs -0 -r grep -l '"status": "completed"' || true; } | tar czf "$OUT_DIR/records.tgz" -T -
+    echo "grid: $(tar tzf "$OUT_DIR/records.tgz" | wc -l) completed records in $OUT_DIR/records.tgz (rc $rc)"
+    grep -a "Error\|error:" /tmp/grid.log | tail -5 ;;
+  *) echo "unknown mode $MODE: check or grid" >&2; exit 2 ;;
+esac
 exit $rc

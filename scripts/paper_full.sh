@@ -8,6 +8,7 @@
 # the experiment's other methods for later (the core of every task first).
 set -u
 BIN=${BIN:-.venv/bin}
+SPARSETUNE=${SPARSETUNE:-$BIN/sparsetune}   # or "python3 -m sparsetune_cli.cli" where there is no venv
 WORKERS=${WORKERS:-2}
 EXPERIMENT=${EXPERIMENT:-paper_full_cpu}
 TASKS=${TASKS:-trec,intent,banking77,srl,entity_matching}
@@ -15,7 +16,7 @@ CORE=${CORE:-sparse,full,lora}
 OUT=${OUT:-results/paper_full}
 source "$(dirname "$0")/workers.sh"
 paper() {   # $1: worker, $2: stage, $3: the methods (empty: the experiment's own list)
-  "$BIN/sparsetune" paper --experiment "$EXPERIMENT" --ablation none --study none --out "$OUT" --stage "$2" \
+  $SPARSETUNE paper --experiment "$EXPERIMENT" --ablation none --study none --out "$OUT" --stage "$2" \
     ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} train.threads=1 "hydra.sweeper.params.task='${ORDERS[$(($1 % 2))]}'" \
     ${3:+"hydra.sweeper.params.method='$3'"}
 }
@@ -29,5 +30,5 @@ worker() {  # a second pass picks up what the first left because the other worke
   done
 }
 run_workers   # the tables are written whatever the workers ended with, as before
-"$BIN/sparsetune" paper --experiment "$EXPERIMENT" --ablation none --study none --out "$OUT" --stage tables \
+$SPARSETUNE paper --experiment "$EXPERIMENT" --ablation none --study none --out "$OUT" --stage tables \
   ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} "hydra.sweeper.params.task='$TASKS'"
