@@ -233,7 +233,8 @@ def report(check: Check, env: dict, seconds: float) -> str:
     if full.get("peak_memory_mb") or bench:
         lines += ["", "Ratios to full finetuning in bf16: peak memory from each run's own process "
                   "(torch.cuda.max_memory_allocated), step time from `scripts/bench.py` (interleaved, alone on the "
-                  "device; a name ending in _cached trains from the frozen-bottom cache).", "", "| method | peak memory ÷ full | step time ÷ full |", "|---|---|---|"]
+                  "device; a name ending in _cached trains from the frozen-bottom cache).", "",
+                  "| method | peak memory ÷ full | step time ÷ full |", "|---|---|---|"]
         for m in METHODS + [v for v in (bench["train"] if bench else {}) if v not in METHODS]:
             r = res.get(f"bf16/{m}", {})
             mem = r["peak_memory_mb"] / full["peak_memory_mb"] if r.get("peak_memory_mb") and full.get(
