@@ -220,7 +220,8 @@ def report(check: Check, env: dict, seconds: float) -> str:
              f"{seconds / 60:.1f} minutes in all. " + ", ".join(f"{k} {v}" for k, v in env.items()
                                                                 if k not in ("device", "date")) + ".", "",
              f"Every case ran {check.args.steps} optimizer steps of task=intent (real CLINC150 rows) unless "
-             f"noted; up to {check.args.workers} cases shared the device at once.", "",
+             f"noted; up to {check.args.workers} cases shared the device at once, so a case's s/step (its first "
+             f"steps included) is no speed: the ratios below are.", "",
              "| case | result | backbone | precision | test accuracy | s/step | peak memory MB | note |",
              "|---|---|---|---|---|---|---|---|"]
     for k, r in res.items():
