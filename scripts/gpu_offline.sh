@@ -52,7 +52,7 @@ case "$MODE" in
     { find "${OUTPUT_ROOT:-results}/runs" -path "*experiment=$EXPERIMENT*" -name metrics.json -print0 |
       xargs -0 -r grep -l '"status": "completed"' || true; } | tar czf "$OUT_DIR/records.tgz" -T -
     echo "grid: $(tar tzf "$OUT_DIR/records.tgz" | wc -l) completed records in $OUT_DIR/records.tgz (rc $rc)"
-    grep -a "Error\|error:" /tmp/grid.log | tail -5 ;;
+    grep -a "Error\|error:" /tmp/grid.log | tail -5 || true ;;
   *) echo "unknown mode $MODE: check or grid" >&2; exit 2 ;;
 esac
 exit $rc
