@@ -43,7 +43,7 @@ case "$MODE" in
       tar czf ../gpu_check_logs.tgz --null -T -) && rm -rf "$OUT_DIR/work" ;;
   grid)
     # timeout signals the whole process group: every run saves an interrupted record, as on Ctrl-C
-    EXPERIMENT=${EXPERIMENT:-paper_full_gpu}   # the tests run paper_smoke
+    EXPERIMENT=${EXPERIMENT:-paper_full_gpu}   # a rehearsal on a CPU: EXPERIMENT=paper_smoke OUTPUT_ROOT=DIR
     SPARSETUNE="$PY -m sparsetune_cli.cli" EXPERIMENT=$EXPERIMENT OUT=results/$EXPERIMENT \
       CORE_ONLY=${CORE_ONLY:-1} WORKERS=${WORKERS:-6} timeout -s TERM "${DEADLINE:-480}" bash scripts/paper_full.sh \
       > /tmp/grid.log 2>&1 || rc=$?
