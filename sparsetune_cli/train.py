@@ -100,8 +100,10 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
                    "sizes": {s: len(d) for s, d in datasets.items()}, "truncated": truncated,
                    "fingerprint": data.fingerprint}
 
-    # on the training device from the start: the sparse probe and the frozen-bottom cache run there, not on the CPU
-    model = load_model(cfg.backbone, len(data.labels), tokenizer, cfg.seed).to(train_device(cfg.train))
+    headline = cfg.task.headline_metric
+    args = training_arguments(cfg, run_dir, headline)
+    # on the Trainer's device from the start: the sparse probe and the frozen-bottom cache run there, not on the CPU
+    model = load_model(cfg.backbone, len(data.labels), tokenizer, cfg.seed).to(args.device)
     context = method_context(cfg, data, datasets, tokenizer, run_dir if main else None)
     t0 = time.perf_counter()
     model = prepare_model(cfg, method, model, context)
@@ -113,7 +115,6 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
     datasets = {**datasets, **cached}
 
     positive = data.labels.index(str(cfg.task.positive_label)) if cfg.task.get("positive_label") is not None else None
-    headline = cfg.task.headline_metric
 
     def compute_metrics(pred):
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -129,7 +130,7 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.train.patience)))
     if cfg.train.logger == "csv":
         callbacks.append(CsvLogger(run_dir / LOG_FILE))
-    trainer = SparsetuneTrainer(model=model, args=training_arguments(cfg, run_dir, headline),
+    trainer = SparsetuneTrainer(model=model, args=args,
                                 data_collator=collator, train_dataset=datasets["train"],
                                 eval_dataset=datasets["validation"], processing_class=tokenizer,
                                 compute_metrics=compute_metrics, callbacks=callbacks, compute_loss_func=loss_func)
@@ -271,12 +272,6 @@ def method_context(cfg, data, datasets, tokenizer, artifacts: Path | None = None
                          collator=DataCollatorWithPadding(tokenizer),
                          tokenizer=tokenizer, labels=data.labels, max_length=cfg.task.max_length,
                          batch_size=cfg.train.batch_size, seed=cfg.seed, artifacts=artifacts)
-
-
-def train_device(t) -> torch.device:
-    """Where the Trainer puts the model: this rank's GPU under torchrun or accelerate, the GPU, or the CPU."""
-    cuda, _ = resolve_precision(t)
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
 
 
 def peak_memory_mb() -> float:
