@@ -27,7 +27,7 @@ PY
 # datasets 5.1+ needs pyarrow>=24; where the machine's is older, the bundle's 5.0 (pyarrow>=21) goes instead
 wheels=$(ls $B/wheels/*.whl)
 if ! "$PY" -c 'import sys, pyarrow; sys.exit(int(pyarrow.__version__.split(".")[0]) < 24)'; then
-  wheels="$(ls $B/wheels/*.whl | grep -v /datasets-) $(ls $B/wheels/pyarrow-before-24/*.whl)"
+  wheels="$(echo "$wheels" | grep -v /datasets-) $(ls $B/wheels/pyarrow-before-24/*.whl)"
 fi
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels
 [ -d "$B/data" ] || { mkdir -p "$B/data" && tar xzf "$B/data.tgz" -C "$B/data"; }
