@@ -67,6 +67,8 @@ def _hydra_run(args: list[str]) -> None:
         run_dir = Path(hc.runtime.output_dir)
         if hc.mode.name == "MULTIRUN" and "joblib" in hc.launcher._target_.lower():
             pin_gpu(hc.job.num)
+            if cfg.train.threads is None:   # torch's default (every core) in each job oversubscribes the CPU
+                cfg.train.threads = thread_share(hc.launcher.get("n_jobs"), os.cpu_count() or 1)
         try:
             cfg = apply_task_overrides(cfg, hc.overrides.task)
             validate_config(cfg)
@@ -125,6 +127,13 @@ def pin_gpu(job_num: int) -> None:
     gpus = visible_gpus()
     if len(gpus) > 1 and not torch.cuda.is_initialized():
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[job_num % len(gpus)]
+
+
+def thread_share(n_jobs: int | None, cpus: int) -> int:
+    """CPU threads for each of n_jobs parallel jobs, n_jobs as joblib reads it (None: 1, -1: a job per core,
+    -2: all cores but one)."""
+    jobs = 1 if n_jobs is None else cpus + 1 + n_jobs if n_jobs < 0 else n_jobs
+    return max(1, cpus // max(1, min(jobs, cpus)))
 
 
 def _paper(args: list[str]) -> None:

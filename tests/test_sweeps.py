@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import TINY, compose, run_tiny
-from sparsetune_cli.cli import pin_gpu
+from sparsetune_cli.cli import pin_gpu, thread_share
 from sparsetune_cli.config import CONFIG_DIR, non_result_keys
 from sparsetune_cli.record import config_changes
 from sparsetune_cli.errors import UserError
@@ -162,12 +162,23 @@ def test_unknown_launcher_lists_the_installed_ones():
 
 @pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
 def test_launchers_run_every_job(tmp_path, data_dir, launcher):
-    proc = sparsetune("run", "-m", f"hydra/launcher={launcher}", "train.threads=1", "method=head_only,sparse",
+    threads = [] if launcher == "parallel" else ["train.threads=1"]   # parallel jobs get their share themselves
+    proc = sparsetune("run", "-m", f"hydra/launcher={launcher}", *threads, "method=head_only,sparse",
                       *TINY_JOB, f"output_root={tmp_path}", f"data_dir={data_dir}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     final = records(tmp_path / "runs")
     assert sorted(r["method"] for r in final.values()) == ["head_only", "sparse"]
     assert all(r["status"] == "completed" for r in final.values())
+    if launcher == "parallel":   # 2 jobs (parallel.yaml) share the cores
+        share = max(1, (os.cpu_count() or 1) // 2)
+        assert [r["config"]["train"]["threads"] for r in final.values()] == [share, share]
+        assert [r["cost"]["threads"] for r in final.values()] == [share, share]
+
+
+@pytest.mark.parametrize("n_jobs, cpus, threads", [(2, 16, 8), (3, 16, 5), (-1, 16, 1), (-2, 16, 1), (-2, 4, 1),
+                                                   (None, 16, 16), (32, 16, 1), (2, 1, 1)])
+def test_parallel_jobs_share_the_cores(n_jobs, cpus, threads):
+    assert thread_share(n_jobs, cpus) == threads
 
 
 def test_parallel_jobs_get_one_gpu_each(monkeypatch):
