@@ -196,19 +196,23 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
+def checkpoint_steps(checkpoints: Path) -> dict[int, Path]:
+    """The Trainer's checkpoint folders (checkpoint-STEP) by step, newest first; read only."""
+    found = {int(p.name.rsplit("-", 1)[1]): p for p in checkpoints.glob("checkpoint-*")
+             if p.name.rsplit("-", 1)[1].isdigit()} if checkpoints.is_dir() else {}
+    return dict(sorted(found.items(), reverse=True))
+
+
 def last_good_checkpoint(checkpoints: Path) -> Path | None:
     """The newest whole checkpoint to resume from. A partial or corrupt newer one is named in a warning and
     removed (the Trainer would otherwise try it, or rotate the good one away); None means start over."""
-    if not checkpoints.is_dir():
-        return None
-    found = sorted((p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for folder in found:
+    found = checkpoint_steps(checkpoints)
+    for step, folder in found.items():
         problem = checkpoint_problem(folder)
         if problem is None:
             log.info("resuming from %s", folder)
             return folder
-        older = [p.name for p in found if p != folder and int(p.name.split("-")[-1]) < int(folder.name.split("-")[-1])]
+        older = [p.name for s, p in found.items() if s < step]
         log.warning("%s cannot be resumed from (%s); %s", folder, problem,
                     f"falling back to {older[0]}" if older else "starting over")
         shutil.rmtree(folder, ignore_errors=True)

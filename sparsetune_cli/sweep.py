@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import compose
 from .errors import UserError
-from .record import CHECKPOINTS, CONFIG_FILE, RunRecord, collect, read_record
+from .record import CHECKPOINTS, CONFIG_FILE, RunRecord, checkpoint_steps, collect, read_record
 
 log = logging.getLogger(__name__)
 STAGES = ("grid", "seeds", "ablation", "tables")   # tables: report.write_tables
@@ -215,9 +215,7 @@ def progress(plan: Plan) -> list[dict]:
                 if rec is not None and rec.status == "completed":
                     done.append(rec)
                 elif (run_dir / CONFIG_FILE).is_file():   # written when a run starts
-                    steps = [int(p.name.rsplit("-", 1)[1]) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*")
-                             if p.name.rsplit("-", 1)[1].isdigit()]
-                    started.append((run_dir, max(steps, default=0)))
+                    started.append((run_dir, max(checkpoint_steps(run_dir / CHECKPOINTS), default=0)))
             seeds_done = [r.seed for r in done if lr is not None and fmt_lr(r.config["method"]["lr"]) == fmt_lr(lr)]
             to_go = len(todo) + len(plan.seeds) - (len(seeds_done) if lr is not None else 1)   # seed 0: a grid run
             hours_to_go, timed = None, [r.cost for r in done if (r.cost or {}).get("steps")]
