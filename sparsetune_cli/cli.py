@@ -59,7 +59,7 @@ def _hydra_run(args: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .record import completed_run
+    from .record import completed_run, usable_cpus
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
     def app(cfg):
@@ -68,7 +68,7 @@ def _hydra_run(args: list[str]) -> None:
         if hc.mode.name == "MULTIRUN" and "joblib" in hc.launcher._target_.lower():
             pin_gpu(hc.job.num)
             if cfg.train.threads is None:   # torch's default (every core) in each job oversubscribes the CPU
-                cfg.train.threads = thread_share(hc.launcher.get("n_jobs"), os.cpu_count() or 1)
+                cfg.train.threads = thread_share(hc.launcher.get("n_jobs"), usable_cpus())
         try:
             cfg = apply_task_overrides(cfg, hc.overrides.task)
             validate_config(cfg)

@@ -196,11 +196,16 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
+def checkpoint_step(folder: Path) -> int | None:
+    """The STEP of a Trainer checkpoint folder (checkpoint-STEP); None for any other name."""
+    head, _, step = folder.name.rpartition("-")
+    return int(step) if head == "checkpoint" and step.isdigit() else None
+
+
 def checkpoint_steps(checkpoints: Path) -> dict[int, Path]:
-    """The Trainer's checkpoint folders (checkpoint-STEP) by step, newest first; read only."""
-    found = {int(p.name.rsplit("-", 1)[1]): p for p in checkpoints.glob("checkpoint-*")
-             if p.name.rsplit("-", 1)[1].isdigit()} if checkpoints.is_dir() else {}
-    return dict(sorted(found.items(), reverse=True))
+    """The Trainer's checkpoint folders by step, newest first; read only."""
+    found = {checkpoint_step(p): p for p in checkpoints.glob("checkpoint-*")} if checkpoints.is_dir() else {}
+    return dict(sorted(((s, p) for s, p in found.items() if s is not None), reverse=True))
 
 
 def last_good_checkpoint(checkpoints: Path) -> Path | None:
@@ -323,6 +328,15 @@ def completed_run(cfg, run_dir: Path, fingerprint=None, method_defaults: Callabl
                             "another output_root")
     log.info("%s already completed (force=true to rerun); skipping", run_dir)
     return previous
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: its affinity where the OS has one (a cluster job pinned to 4 of a
+    node's 64 cores gets 4), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
 
 
 def package_versions() -> dict:

@@ -26,8 +26,8 @@ from .methods import MethodContext, count_params, get_method
 from .methods.base import WEIGHTS, fp32_trainable
 from .models import frozen_bottom, load_model, load_tokenizer
 from .record import (CHECKPOINTS, CONFIG_FILE, LABELS_FILE, LOG_FILE, MODEL_DIR, RunLock, RunRecord,
-                     classification_metrics, completed_run, file_sha256, last_good_checkpoint, read_record,
-                     same_config)
+                     checkpoint_step, classification_metrics, completed_run, file_sha256, last_good_checkpoint,
+                     read_record, same_config, usable_cpus)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
     resume = last_good_checkpoint(run_dir / CHECKPOINTS)
     # time spent before an interruption that left a record (SIGTERM); a SIGKILL leaves none to add
     earlier = (previous.cost or {}) if resume and previous is not None else {}
-    start_step = int(resume.name.rsplit("-", 1)[-1]) if resume else 0
+    start_step = checkpoint_step(resume) if resume else 0
 
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -177,8 +177,9 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
                        "seconds": e.get(EvalClock.KEY)} for step, e in logged.items()]
     record.cost["world_size"] = trainer.args.world_size   # > 1 under DDP (torchrun)
     loads = [e[EvalClock.LOAD_KEY] for e in logged.values() if EvalClock.LOAD_KEY in e]
-    # what else ran: a load average near cpu_count means every core was busy (e.g. a parallel sweep's other jobs)
-    record.cost.update(cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+    # what else ran: a load average near cpu_count (the cores this process may use) means every core was busy
+    # (e.g. a parallel sweep's other jobs)
+    record.cost.update(cpu_count=usable_cpus(), threads=torch.get_num_threads(),
                        load_average=round(float(np.mean(loads)), 2) if loads else None)
     if not main:
         return record

@@ -177,6 +177,15 @@ def test_a_run_whose_only_checkpoint_is_corrupt_starts_over(tmp_path, caplog):
     assert "starting over" in caplog.text and not bad.exists()
 
 
+def test_checkpoint_folders_are_read_by_their_step(tmp_path):
+    from sparsetune_cli.record import checkpoint_step, checkpoint_steps
+    for name in ("checkpoint-5", "checkpoint-40", "checkpoint-x", "checkpoint-", "old-checkpoint-7", "tmp-9"):
+        (tmp_path / name).mkdir()
+    assert list(checkpoint_steps(tmp_path)) == [40, 5]   # newest first; other names are not checkpoints
+    assert checkpoint_step(tmp_path / "checkpoint-40") == 40 and checkpoint_step(tmp_path / "tmp-9") is None
+    assert checkpoint_steps(tmp_path / "missing") == {}
+
+
 # 7. aggregation survives bad records
 def test_tables_name_each_malformed_record_and_use_the_rest(tmp_path, caplog):
     from sparsetune_cli.record import collect, write_json_atomic

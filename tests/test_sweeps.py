@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from conftest import TINY, compose, run_tiny
 from sparsetune_cli.cli import pin_gpu, thread_share
 from sparsetune_cli.config import CONFIG_DIR, non_result_keys
-from sparsetune_cli.record import config_changes
+from sparsetune_cli.record import config_changes, usable_cpus
 from sparsetune_cli.errors import UserError
 
 BIN = Path(sys.executable).parent
@@ -170,7 +170,7 @@ def test_launchers_run_every_job(tmp_path, data_dir, launcher):
     assert sorted(r["method"] for r in final.values()) == ["head_only", "sparse"]
     assert all(r["status"] == "completed" for r in final.values())
     if launcher == "parallel":   # 2 jobs (parallel.yaml) share the cores
-        share = max(1, (os.cpu_count() or 1) // 2)
+        share = max(1, usable_cpus() // 2)
         assert [r["config"]["train"]["threads"] for r in final.values()] == [share, share]
         assert [r["cost"]["threads"] for r in final.values()] == [share, share]
 
@@ -179,6 +179,14 @@ def test_launchers_run_every_job(tmp_path, data_dir, launcher):
                                                    (None, 16, 16), (32, 16, 1), (2, 1, 1)])
 def test_parallel_jobs_share_the_cores(n_jobs, cpus, threads):
     assert thread_share(n_jobs, cpus) == threads
+
+
+def test_the_cores_counted_are_the_ones_the_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)   # a pinned cluster job
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert usable_cpus() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")   # macOS: no affinity call, the machine's count
+    assert usable_cpus() == 64
 
 
 def test_parallel_jobs_get_one_gpu_each(monkeypatch):
