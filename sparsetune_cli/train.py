@@ -177,9 +177,9 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
                        "seconds": e.get(EvalClock.KEY)} for step, e in logged.items()]
     record.cost["world_size"] = trainer.args.world_size   # > 1 under DDP (torchrun)
     loads = [e[EvalClock.LOAD_KEY] for e in logged.values() if EvalClock.LOAD_KEY in e]
-    # what else ran: a load average near cpu_count (the cores this process may use) means every core was busy
-    # (e.g. a parallel sweep's other jobs)
-    record.cost.update(cpu_count=usable_cpus(), threads=torch.get_num_threads(),
+    # what else ran: a load average near cpu_count (the machine's, as the load is) means every core was busy
+    # (e.g. a parallel sweep's other jobs); usable_cpus is what this process may run on (its affinity)
+    record.cost.update(cpu_count=os.cpu_count(), usable_cpus=usable_cpus(), threads=torch.get_num_threads(),
                        load_average=round(float(np.mean(loads)), 2) if loads else None)
     if not main:
         return record
