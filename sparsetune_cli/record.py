@@ -204,8 +204,8 @@ def checkpoint_step(folder: Path) -> int | None:
 
 def checkpoint_steps(checkpoints: Path) -> dict[int, Path]:
     """The Trainer's checkpoint folders by step, newest first; read only."""
-    found = {checkpoint_step(p): p for p in checkpoints.glob("checkpoint-*")} if checkpoints.is_dir() else {}
-    return dict(sorted(((s, p) for s, p in found.items() if s is not None), reverse=True))
+    found = {s: p for p in checkpoints.glob("checkpoint-*") if (s := checkpoint_step(p)) is not None}
+    return dict(sorted(found.items(), reverse=True))
 
 
 def last_good_checkpoint(checkpoints: Path) -> Path | None:
