@@ -82,6 +82,7 @@ selector-study: install
 tables: install
 	$(BIN)/sparsetune paper --stage tables
 	$(BIN)/sparsetune paper --stage tables --experiment paper_full_cpu --ablation none --study none --out results/paper_full
+	$(BIN)/sparsetune paper --stage tables --experiment paper_full_gpu --ablation none --study none --out results/paper_full_gpu
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -59,7 +59,7 @@ def _hydra_run(args: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .record import completed_run, usable_cpus
+    from .record import finished_run, usable_cpus
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
     def app(cfg):
@@ -73,13 +73,16 @@ def _hydra_run(args: list[str]) -> None:
             cfg = apply_task_overrides(cfg, hc.overrides.task)
             validate_config(cfg)
             # before importing torch: a resumed sweep skips in seconds
-            record = completed_run(cfg, run_dir, lambda: data_fingerprint(cfg), lambda: option_defaults(cfg))
+            record = finished_run(cfg, run_dir, lambda: data_fingerprint(cfg), lambda: option_defaults(cfg))
             if record is None:
                 from .callbacks import StopOnSignal
                 from .train import run
                 record = run(cfg, run_dir)
                 if StopOnSignal.received is not None and record.status == "completed":
                     sys.exit(130)   # stopped during the run's last passes: it completed, the sweep stops here
+            if record.status == "diverged":
+                raise UserError(f"the run diverged: {record.error} (its record stays in {run_dir}; force=true "
+                                "reruns it)")
         except UserError as e:
             if hc.mode.name == "MULTIRUN":  # one bad job must not stop the sweep
                 logging.getLogger("sparsetune").error("%s: %s", run_dir, e)

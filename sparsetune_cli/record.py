@@ -36,6 +36,9 @@ LOCK_FILE = ".lock"
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Final states: a rerun of the same config skips them. A diverged run (its training loss became non-finite) would
+# only diverge again, and a learning-rate grid counts it as that lr's (worst) result.
+FINISHED = ("completed", "diverged")
 SCHEMA_VERSION = 2   # 1: records written before the version was recorded (they load the same way)
 
 
@@ -45,7 +48,7 @@ class BadRecord(ValueError):
 
 @dataclasses.dataclass
 class RunRecord:
-    status: str                       # running | interrupted | failed | completed
+    status: str                       # running | interrupted | failed | diverged | completed
     task: str
     backbone: str
     method: str
@@ -126,14 +129,15 @@ def read_record(run_dir: Path) -> RunRecord | None:
         return None
 
 
-def collect(dirs: list[str | Path], status: str = "completed") -> list[RunRecord]:
-    """Every record under the given folders with the given status. A malformed metrics.json is named once in a
-    warning and left out: one bad file must not hide the rest."""
+def collect(dirs: list[str | Path], status: str | tuple[str, ...] = "completed") -> list[RunRecord]:
+    """Every record under the given folders with the given status (or one of them). A malformed metrics.json is
+    named once in a warning and left out: one bad file must not hide the rest."""
+    statuses = (status,) if isinstance(status, str) else status
     records = []
     for d in dirs:
         for path in sorted(Path(d).rglob(METRICS_FILE)):
             rec = read_record(path.parent)
-            if rec is not None and rec.status == status:
+            if rec is not None and rec.status in statuses:
                 records.append(rec)
     return records
 
@@ -309,24 +313,24 @@ def same_config(previous: RunRecord, cfg, run_dir: Path, what: str,
                         "pass force=true to replace it, or another output_root")
 
 
-def completed_run(cfg, run_dir: Path, fingerprint=None, method_defaults: Callable[[], dict] = dict
-                  ) -> RunRecord | None:
-    """The record of a completed run of this config in run_dir, or None (none there, or force=true). A completed
-    run of a different config, or of other data, is refused. Needs no torch, so that a sweep skips finished runs
-    quickly. `fingerprint()` gives the data's fingerprint; records from before fingerprints were kept have none
-    and are reused on their config alone."""
+def finished_run(cfg, run_dir: Path, fingerprint=None, method_defaults: Callable[[], dict] = dict
+                 ) -> RunRecord | None:
+    """The record of a finished (completed or diverged) run of this config in run_dir, or None (none there, or
+    force=true). A finished run of a different config, or of other data, is refused. Needs no torch, so that a
+    sweep skips finished runs quickly. `fingerprint()` gives the data's fingerprint; records from before
+    fingerprints were kept have none and are reused on their config alone."""
     previous = read_record(run_dir)
-    if previous is None or previous.status != "completed" or cfg.force:
+    if previous is None or previous.status not in FINISHED or cfg.force:
         return None
-    same_config(previous, cfg, run_dir, "a completed run", method_defaults)
+    same_config(previous, cfg, run_dir, f"a {previous.status} run", method_defaults)
     recorded = (previous.data or {}).get("fingerprint")
     if recorded is not None and fingerprint is not None:
         now = fingerprint()
         if now != recorded:
-            raise UserError(f"{run_dir} holds a completed run on other data (fingerprint {recorded[:12]}, the data "
-                            f"read now {now[:12]}): the data files changed; pass force=true to replace it, or "
-                            "another output_root")
-    log.info("%s already completed (force=true to rerun); skipping", run_dir)
+            raise UserError(f"{run_dir} holds a {previous.status} run on other data (fingerprint {recorded[:12]}, "
+                            f"the data read now {now[:12]}): the data files changed; pass force=true to replace it, "
+                            "or another output_root")
+    log.info("%s already %s (force=true to rerun); skipping", run_dir, previous.status)
     return previous
 
 

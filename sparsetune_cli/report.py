@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .record import RunRecord, mean_std, read_record
+from .record import FINISHED, RunRecord, mean_std, read_record
 from .sweep import Plan, fmt_lr, lr_cell, lr_choices, main_records
 
 
@@ -92,13 +93,16 @@ def lr_table(plan: Plan, chosen: dict) -> pd.DataFrame:
             runs, todo = lr_cell(plan, task, method, plan.lr_extend)
             if todo:   # unfinished: show what has run of the method's own grid
                 grid = {fmt_lr(lr) for lr in plan.lr_grid(method)}
-                runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method)
+                runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method, statuses=FINISHED)
                         if r.seed == 0 and fmt_lr(r.config["method"]["lr"]) in grid}
             ends = {min(runs, key=float), max(runs, key=float)} if runs else set()
             pick = chosen.get((task, method))
             for lr, r in sorted(runs.items(), key=lambda kv: float(kv[0])):
-                rows.append({"task": task, "method": method, "lr": float(lr), "validation": r.headline(),
-                             "test": r.headline("test"), "chosen": pick is not None and fmt_lr(pick) == lr,
+                scored = r.status == "completed"   # a diverged run has no scores: nan in the table
+                rows.append({"task": task, "method": method, "lr": float(lr),
+                             "validation": r.headline() if scored else math.nan,
+                             "test": r.headline("test") if scored else math.nan,
+                             "chosen": pick is not None and fmt_lr(pick) == lr,
                              "edge": lr in ends})
     return pd.DataFrame(rows)
 
@@ -497,7 +501,9 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
     save("lr_grid", grid, "Learning-rate grid (seed 0)",
          "validation and test headline metric per grid point; `chosen` is the best validation score, "
          "`edge` marks the ends of the grid searched. A grid is widened one lr step at a time past an end "
-         "that scores strictly best, up to --lr-extend steps per side.", index=False)
+         "that scores strictly best, up to --lr-extend steps per side." +
+         (" nan: the run diverged (its training loss became non-finite), the worst point of its grid."
+          if not grid.empty and grid.validation.isna().any() else ""), index=False)
     if not records:
         return written
     cost = cost_table(df, plan.methods)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import compose
 from .errors import UserError
-from .record import CHECKPOINTS, CONFIG_FILE, RunRecord, checkpoint_steps, collect, read_record
+from .record import CHECKPOINTS, CONFIG_FILE, FINISHED, RunRecord, checkpoint_steps, collect, read_record
 
 log = logging.getLogger(__name__)
 STAGES = ("grid", "seeds", "ablation", "tables")   # tables: report.write_tables
@@ -56,10 +56,12 @@ class Plan:
     def lr_grid(self, method: str) -> list[float]:
         return self.lr_grids.get(method) or lr_grid(method)
 
-    def records(self, task: str, method: str, extra: str | None = None) -> list[RunRecord]:
-        """Completed runs of this experiment; `extra` keeps only one lr, e.g. 'method.lr=0.001'."""
+    def records(self, task: str, method: str, extra: str | None = None,
+                statuses: tuple[str, ...] = ("completed",)) -> list[RunRecord]:
+        """Runs of this experiment (completed ones unless `statuses` says); `extra` keeps only one lr, e.g.
+        'method.lr=0.001'."""
         prefix = f"experiment={self.experiment},"
-        return [r for r in collect([self.runs / task / self.backbone / method])
+        return [r for r in collect([self.runs / task / self.backbone / method], statuses)
                 if r.variant.startswith(prefix) and (extra is None or extra in r.variant.split(","))]
 
     def run_dirs(self, task: str, method: str) -> list[Path]:
@@ -106,19 +108,25 @@ def lr_step(lr: float, up: bool) -> float:
     return float(f"{factor * 10 ** exp:.3g}")
 
 
+def grid_score(rec: RunRecord) -> float:
+    """A grid point's seed-0 validation score; a diverged run's lr scores below every other."""
+    return -math.inf if rec.status == "diverged" else rec.headline()
+
+
 def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, RunRecord], list[float]]:
     """The seed-0 runs of one (task, method) grid, by lr, and the lrs still to run. The grid is the method's
     lr_grid, widened by up to `extend` steps past an end while the end is strictly the best point: a best
     score at the edge means a wider grid may do better. Ties stay put, so a method that learns nothing at
-    any lr does not walk off."""
+    any lr does not walk off. A diverged run is a finished grid point, the worst."""
     grid = sorted(plan.lr_grid(method))
-    runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method) if r.seed == 0}
+    runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method, statuses=FINISHED)
+            if r.seed == 0}
     missing = [lr for lr in grid if fmt_lr(lr) not in runs]
     if missing:
         return {}, missing
     steps = {True: 0, False: 0}
     while True:
-        scores = {lr: runs[fmt_lr(lr)].headline() for lr in grid}
+        scores = {lr: grid_score(runs[fmt_lr(lr)]) for lr in grid}
         best = max(scores.values())
         for up, end, inner in ((True, grid[-1], grid[-2]), (False, grid[0], grid[1])):
             if len(grid) > 1 and scores[end] == best > scores[inner] and steps[up] < extend:
@@ -134,7 +142,7 @@ def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, 
 
 def best_lr(runs: dict[str, RunRecord]) -> float:
     """The lr of a finished grid with the best seed-0 validation score (ties: the smaller lr)."""
-    return max(runs.values(), key=lambda r: (r.headline(), -r.config["method"]["lr"])).config["method"]["lr"]
+    return max(runs.values(), key=lambda r: (grid_score(r), -r.config["method"]["lr"])).config["method"]["lr"]
 
 
 def lr_choices(plan: Plan, methods: list[str] | None = None) -> tuple[dict[tuple[str, str], float], list[str]]:
@@ -212,8 +220,9 @@ def progress(plan: Plan) -> list[dict]:
             for run_dir in plan.run_dirs(task, method):
                 rec = read_record(run_dir)
                 spent += (rec.cost or {}).get("train_seconds", 0.0) if rec is not None else 0.0
-                if rec is not None and rec.status == "completed":
-                    done.append(rec)
+                if rec is not None and rec.status in FINISHED:   # a diverged grid point is done, with no score
+                    if rec.status == "completed":
+                        done.append(rec)
                 elif (run_dir / CONFIG_FILE).is_file():   # written when a run starts
                     started.append((run_dir, max(checkpoint_steps(run_dir / CHECKPOINTS), default=0)))
             seeds_done = [r.seed for r in done if lr is not None and fmt_lr(r.config["method"]["lr"]) == fmt_lr(lr)]

@@ -26,21 +26,21 @@ from .methods import MethodContext, count_params, get_method
 from .methods.base import WEIGHTS, fp32_trainable
 from .models import frozen_bottom, load_model, load_tokenizer
 from .record import (CHECKPOINTS, CONFIG_FILE, LABELS_FILE, LOG_FILE, MODEL_DIR, RunLock, RunRecord,
-                     checkpoint_step, classification_metrics, completed_run, file_sha256, last_good_checkpoint,
+                     checkpoint_step, classification_metrics, finished_run, file_sha256, last_good_checkpoint,
                      read_record, same_config, usable_cpus)
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg, run_dir: Path) -> RunRecord:
-    """Train, evaluate and record one run in run_dir. Skips a completed run; resumes an interrupted one."""
+    """Train, evaluate and record one run in run_dir. Skips a finished run; resumes an interrupted one."""
     validate_config(cfg)
     validate_precision(cfg)
     method = get_method(cfg.method)   # the method's own options, checked before anything is loaded
     main = is_main_process()
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir) if main else _no_lock():
-        done = completed_run(cfg, run_dir, lambda: load_task(cfg.task, cfg.data_dir, cfg.seed).fingerprint,
+        done = finished_run(cfg, run_dir, lambda: load_task(cfg.task, cfg.data_dir, cfg.seed).fingerprint,
                              method.option_defaults)
         if done:
             return done
@@ -148,8 +148,15 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
                    "prepare_seconds": prepare_seconds + earlier.get("prepare_seconds", 0.0),
                    "cached_blocks": cache.get("blocks", 0), "cache_built": cache.get("built", False),
                    "cache_seconds": cache.get("seconds", 0.0), **count_params(model), **method.cost_extra()}
-    if nan_guard.reason:
-        raise FloatingPointError(nan_guard.reason)
+    # every validation pass, the best one's scores included (reused below rather than run again)
+    logged = {e["step"]: e for e in trainer.state.log_history if f"eval_{headline}" in e}
+    record.history = [{"step": step, "epoch": e.get("epoch"), headline: e[f"eval_{headline}"],
+                       "seconds": e.get(EvalClock.KEY)} for step, e in logged.items()]
+    if nan_guard.reason:   # final: a resume would replay the same steps, so the checkpoints (non-finite, or on
+        record.status, record.error = "diverged", nan_guard.reason   # the way there) go
+        if main:
+            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+        return record
     if stop.signal is not None:
         record.status = "interrupted"
         record.error = f"stopped by {signal.Signals(stop.signal).name}; rerun the same command to resume"
@@ -160,9 +167,7 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
     trainer.remove_callback(EarlyStoppingCallback)   # the final test pass is not a validation step
     t0 = time.perf_counter()
     metrics = {}
-    # The best checkpoint, loaded at the end, had its validation scores logged when it was chosen:
-    # reuse them rather than run that pass again.
-    logged = {e["step"]: e for e in trainer.state.log_history if f"eval_{headline}" in e}
+    # The best checkpoint, loaded at the end, had its validation scores logged when it was chosen
     best = logged.get(trainer.state.best_global_step)
     for split in ("validation", "test"):
         if split == "validation" and best is not None:
@@ -173,8 +178,6 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
                           if k.startswith(prefix) and k[len(prefix):] in ("accuracy", "macro_f1", "f1", "loss")}
     record.metrics = metrics
     record.cost["eval_seconds"] = time.perf_counter() - t0   # the final test pass (and validation if not logged)
-    record.history = [{"step": step, "epoch": e.get("epoch"), headline: e[f"eval_{headline}"],
-                       "seconds": e.get(EvalClock.KEY)} for step, e in logged.items()]
     record.cost["world_size"] = trainer.args.world_size   # > 1 under DDP (torchrun)
     loads = [e[EvalClock.LOAD_KEY] for e in logged.values() if EvalClock.LOAD_KEY in e]
     # what else ran: a load average near cpu_count (the machine's, as the load is) means every core was busy

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -237,19 +238,24 @@ class FakeGrid:
     """A paper Plan whose seed-0 runs are made up: validation score = score(lr); `launch` "runs" them."""
     tasks, methods, experiment, overrides = ["trec"], ["sparse"], "paper_smoke", []
 
-    def __init__(self, score, lr_extend=2, fails=()):
+    def __init__(self, score, lr_extend=2, fails=(), diverges=()):
         self.score, self.lr_extend, self.fails, self.runs, self.launched = score, lr_extend, fails, {}, []
+        self.diverges = diverges
 
     def lr_grid(self, method):
         from sparsetune_cli.sweep import lr_grid
         return lr_grid(method)
 
-    def records(self, task, method, extra=None):
+    def records(self, task, method, extra=None, statuses=("completed",)):
         from sparsetune_cli.record import RunRecord
-        return [RunRecord.from_dict({"status": "completed", "task": task, "method": method, "seed": 0,
+        recs = [RunRecord.from_dict({"status": "diverged", "task": task, "method": method, "seed": 0,
+                                     "config": {"method": {"lr": lr}}, "headline_metric": "accuracy"})
+                if lr in self.diverges else
+                RunRecord.from_dict({"status": "completed", "task": task, "method": method, "seed": 0,
                                      "config": {"method": {"lr": lr}}, "headline_metric": "accuracy",
                                      "metrics": {"validation": {"accuracy": s}, "test": {"accuracy": s}}})
                 for lr, s in self.runs.items()]
+        return [r for r in recs if r.status in statuses]
 
     def launch(self, overrides):
         lrs = next(o for o in overrides if o.startswith("method.lr=")).split("=")[1]
@@ -287,6 +293,20 @@ def test_paper_grid_stops_widening_when_the_run_fails_and_reports_the_cell(monke
     assert sweep.lr_choices(plan) == ({}, ["trec/sparse (lr 0.1 to run)"])
     plan.runs.pop(0.01)
     assert sweep.lr_choices(plan)[1] == ["trec/sparse (lr 0.01 to run)"]   # the method's own grid comes first
+
+
+def test_a_diverged_grid_point_finishes_its_grid_as_the_worst_lr(monkeypatch):
+    """A run whose loss became non-finite is a result for the grid (that lr is too high), not a gap that keeps
+    the cell from ever choosing an lr."""
+    from sparsetune_cli import report, sweep
+    plan = FakeGrid(lambda lr: lr, diverges={0.03, 0.1})   # rising to the top end, which diverges
+    monkeypatch.setattr(sweep, "launch", plan.launch)
+    sweep.run_grid(plan)
+    assert plan.launched == ["0.001,0.003,0.01,0.03"]   # no widening past a diverged end
+    choice, missing = sweep.lr_choices(plan)
+    assert choice == {("trec", "sparse"): 0.01} and missing == []
+    table = report.lr_table(plan, choice).set_index("lr")
+    assert math.isnan(table.validation[0.03]) and table.validation[0.01] == 0.01 and table.chosen[0.01]
 
 
 def test_lr_step_walks_the_1_3_10_series():
