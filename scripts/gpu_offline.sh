@@ -11,10 +11,13 @@
 #       repo root here and commit the metrics.json files. Unpack it before calling again, even on a warm machine:
 #       each call gets this tree afresh, and runs whose records it lacks are trained again. 12 workers kept an
 #       H200 at 90-99% (0.04-0.06 s a step each, ~250 steps a second in all; results/paper_full/PLAN.md).
+#   DEADLINE=240 WORKERS=6 ABLATION=paper_full_gpu_budget bash scripts/gpu_offline.sh ablation OUT_DIR
+#       the same for a sparse ablation (`sparsetune paper --stage ablation`) at the lrs sparse chose in
+#       EXPERIMENT's grid; its records go into the same OUT_DIR/records.tgz
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODE=${1:?usage: bash scripts/gpu_offline.sh check|grid OUT_DIR [gpu_check.py arguments]}
-OUT_DIR=${2:?usage: bash scripts/gpu_offline.sh check|grid OUT_DIR [gpu_check.py arguments]}
+MODE=${1:?usage: bash scripts/gpu_offline.sh check|grid|ablation OUT_DIR [gpu_check.py arguments]}
+OUT_DIR=${2:?usage: bash scripts/gpu_offline.sh check|grid|ablation OUT_DIR [gpu_check.py arguments]}
 shift 2
 PY=${PYTHON:-python3}
 B=${BUNDLE:-.gpu_bundle}
@@ -33,7 +36,8 @@ if ! "$PY" -c 'import sys, pyarrow; sys.exit(int(pyarrow.__version__.split(".")[
   wheels="$(echo "$wheels" | grep -v /datasets-) $(ls $B/wheels/pyarrow-before-24/*.whl)"
 fi
 # SKIP_INSTALL=1: a python that has them already (a rehearsal here with PYTHON=.venv/bin/python)
-[ "${SKIP_INSTALL:-0}" = 1 ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels
+[ "${SKIP_INSTALL:-0}" = 1 ] ||
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels
 [ -d "$B/data" ] || { mkdir -p "$B/data" && tar xzf "$B/data.tgz" -C "$B/data"; }
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false SPARSETUNE_DATA_DIR="$(realpath "$B/data")"
@@ -45,26 +49,34 @@ case "$MODE" in
     # the small files only: logs and records, no weights
     (cd "$OUT_DIR/work" && find . \( -name '*.txt' -o -name '*.log' -o -name '*.json' -o -name '*.yaml' \) -print0 |
       tar czf ../gpu_check_logs.tgz --null -T -) && rm -rf "$OUT_DIR/work" ;;
-  grid)
+  grid|ablation)
     # timeout signals the whole process group: every run saves an interrupted record, as on Ctrl-C
     EXPERIMENT=${EXPERIMENT:-paper_full_gpu}   # a rehearsal on a CPU: EXPERIMENT=paper_smoke OUTPUT_ROOT=DIR
                                                # SKIP_INSTALL=1 PYTHON=.venv/bin/python
     pack() {   # the completed records so far, and the log's end; renamed into place, so a kill mid-pack
                # (the device lease can end before DEADLINE) leaves the last whole archive
-      { find "${OUTPUT_ROOT:-results}/runs" -path "*experiment=$EXPERIMENT*" -name metrics.json -print0 |
+      { find "${OUTPUT_ROOT:-results}/runs" -name metrics.json \( -path "*experiment=$EXPERIMENT,*" \
+          -o -path "*experiment=${ABLATION:-$EXPERIMENT},*" \) -print0 |
         xargs -0 -r grep -l '"status": "completed"' || true; } | tar czf "$OUT_DIR/records.part" -T - &&
         mv -f "$OUT_DIR/records.part" "$OUT_DIR/records.tgz"
       tail -c 2000000 /tmp/grid.log > "$OUT_DIR/grid.part" && mv -f "$OUT_DIR/grid.part" "$OUT_DIR/grid.log"
     }
     rm -f /tmp/grid.done
     (t=0; while [ ! -e /tmp/grid.done ]; do sleep 1; (( ++t % ${PACK_EVERY:-60} )) || pack; done) & packer=$!
-    SPARSETUNE="$PY -m sparsetune_cli.cli" EXPERIMENT=$EXPERIMENT OUT=results/$EXPERIMENT \
-      CORE_ONLY=${CORE_ONLY:-1} WORKERS=${WORKERS:-6} timeout -s TERM "${DEADLINE:-480}" bash scripts/paper_full.sh \
-      > /tmp/grid.log 2>&1 || rc=$?
+    if [ "$MODE" = grid ]; then
+      SPARSETUNE="$PY -m sparsetune_cli.cli" EXPERIMENT=$EXPERIMENT OUT=results/$EXPERIMENT \
+        CORE_ONLY=${CORE_ONLY:-1} WORKERS=${WORKERS:-6} timeout -s TERM "${DEADLINE:-480}" bash scripts/paper_full.sh \
+        > /tmp/grid.log 2>&1 || rc=$?
+    else   # the sparse ablation ABLATION at the lrs sparse chose in EXPERIMENT's grid, WORKERS runs at once
+      timeout -s TERM "${DEADLINE:-480}" "$PY" -m sparsetune_cli.cli paper --experiment "$EXPERIMENT" \
+        --ablation "${ABLATION:?ablation needs ABLATION=an experiment config}" --study none --stage ablation \
+        ${OUTPUT_ROOT:+"output_root=$OUTPUT_ROOT"} train.threads=1 hydra/launcher=joblib \
+        "hydra.launcher.n_jobs=${WORKERS:-6}" > /tmp/grid.log 2>&1 || rc=$?
+    fi
     [ $rc = 124 ] && rc=0   # the deadline, not a failure
     touch /tmp/grid.done; wait $packer; pack   # the packer's last pack ends before this one begins
     echo "grid: $(tar tzf "$OUT_DIR/records.tgz" | wc -l) completed records in $OUT_DIR/records.tgz (rc $rc)"
     grep -a "Error\|error:" /tmp/grid.log | tail -5 || true ;;
-  *) echo "unknown mode $MODE: check or grid" >&2; exit 2 ;;
+  *) echo "unknown mode $MODE: check, grid or ablation" >&2; exit 2 ;;
 esac
 exit $rc

@@ -148,7 +148,9 @@ def time_to_reach(run_dir: str, full_dir: str) -> float | None:
 
 
 def ablation_table(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-    cells = df.groupby(["budget", "selector", "task"])["test"].apply(over_seeds).unstack("task")
+    # budget and selector always; depth where the ablation varies it (the selector ablation pins it)
+    axes = ["budget", *(["depth"] if df["depth"].nunique() > 1 else []), "selector"]
+    cells = df.groupby([*axes, "task"])["test"].apply(over_seeds).unstack("task")
     return cells.reindex(columns=[t for t in tasks if t in cells.columns]).fillna("").reset_index()
 
 
@@ -517,8 +519,9 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
         if abl:
             save("ablation", ablation_table(frame(abl), ablation.tasks),
                  f"Sparse ablation, experiment={ablation.experiment}: test headline metric",
-                 "Rows: how many rows train (budget, fraction of backbone parameters) and which (selector: token "
-                 "= token-driven gradient, the default).", index=False)
+                 "Rows: how many rows train (budget, fraction of backbone parameters), where (depth: the top "
+                 "blocks that get rows, where it varies) and which (selector: token = token-driven gradient, the "
+                 "default).", index=False)
     runs = [r for p in study or [] for task in p.tasks for r in p.records(task, "sparse")]
     if runs:
         tasks = list(dict.fromkeys(t for p in study for t in p.tasks))

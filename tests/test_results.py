@@ -260,3 +260,16 @@ def test_a_sparse_run_is_labelled_by_what_changes_its_rows():
     assert describe({"selector": "token_fisher", "probe_readout": True, "depth": "all"}) == {
         "selector": "token_fisher+readout", "budget": 0.01, "depth": "all", "granularity": "rows"}
     assert METHODS["lora"].describe({"lr": 1e-4, "r": 8}) == {}
+
+
+def test_the_ablation_table_has_a_depth_axis_only_where_the_ablation_varies_depth():
+    import pandas as pd
+
+    from sparsetune_cli.report import ablation_table
+    rows = [{"task": "entity_matching", "selector": "token+head64", "budget": b, "depth": d, "seed": 0,
+             "test": 0.6 + b + (0.1 if d == "all" else 0)} for b in (0.01, 0.1) for d in ("2", "all")]
+    both = ablation_table(pd.DataFrame(rows), ["entity_matching"])
+    assert list(both.columns) == ["budget", "depth", "selector", "entity_matching"] and len(both) == 4
+    assert both.set_index(["budget", "depth"]).loc[(0.1, "all"), "entity_matching"].startswith("0.8000")
+    pinned = ablation_table(pd.DataFrame([r for r in rows if r["depth"] == "2"]), ["entity_matching"])
+    assert list(pinned.columns) == ["budget", "selector", "entity_matching"] and len(pinned) == 2
