@@ -26,7 +26,7 @@ from .methods import MethodContext, count_params, get_method
 from .methods.base import WEIGHTS, fp32_trainable
 from .models import frozen_bottom, load_model, load_tokenizer
 from .record import (CHECKPOINTS, CONFIG_FILE, LABELS_FILE, LOG_FILE, MODEL_DIR, RunLock, RunRecord,
-                     checkpoint_step, classification_metrics, finished_run, file_sha256, last_good_checkpoint,
+                     checkpoint_step, classification_metrics, file_sha256, finished_run, last_good_checkpoint,
                      read_record, same_config, usable_cpus)
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def run(cfg, run_dir: Path) -> RunRecord:
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir) if main else _no_lock():
         done = finished_run(cfg, run_dir, lambda: load_task(cfg.task, cfg.data_dir, cfg.seed).fingerprint,
-                             method.option_defaults)
+                            method.option_defaults)
         if done:
             return done
         previous = read_record(run_dir)
@@ -152,8 +152,9 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
     logged = {e["step"]: e for e in trainer.state.log_history if f"eval_{headline}" in e}
     record.history = [{"step": step, "epoch": e.get("epoch"), headline: e[f"eval_{headline}"],
                        "seconds": e.get(EvalClock.KEY)} for step, e in logged.items()]
-    if nan_guard.reason:   # final: a resume would replay the same steps, so the checkpoints (non-finite, or on
-        record.status, record.error = "diverged", nan_guard.reason   # the way there) go
+    if nan_guard.reason:
+        # final: a resume would replay the same steps into the same divergence, so the checkpoints go
+        record.status, record.error = "diverged", nan_guard.reason
         if main:
             shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
         return record
