@@ -78,7 +78,7 @@ selector-study: install
 	BIN=$(BIN) STUDY=paper_selector_depth1_cpu bash scripts/selector_study.sh
 	BIN=$(BIN) STUDY=paper_selector_matched_cpu bash scripts/selector_study.sh
 
-# Only regenerate results/paper/ (and results/paper_full/) from the finished runs under results/runs/.
+# Only regenerate results/paper/, results/paper_full/ and results/paper_full_gpu/ from the runs under results/runs/.
 tables: install
 	$(BIN)/sparsetune paper --stage tables
 	$(BIN)/sparsetune paper --stage tables --experiment paper_full_cpu --ablation none --study none --out results/paper_full
