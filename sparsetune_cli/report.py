@@ -418,7 +418,7 @@ def saved_token_groups(plan: Plan, task: str) -> dict | None:
 def mine_token_groups(plan: Plan, task: str) -> dict:
     from .config import compose
     from .tokens import token_report
-    return token_report(compose([f"experiment={plan.experiment}", f"task={task}", "method=sparse",
+    return token_report(compose([f"experiment={plan.tokens_from}", f"task={task}", "method=sparse",
                                  *[o for o in plan.overrides if not o.startswith("hydra")]]))
 
 

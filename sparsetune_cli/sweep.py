@@ -52,6 +52,9 @@ class Plan:
         # an ablation may pin sparse's lr per task (ablation_lr: {srl: 0.003}), so that a later re-run of the main
         # grid, which may choose another, cannot move the runs still to come away from those they are paired with
         self.ablation_lr = {t: float(v) for t, v in (cfg.get("ablation_lr") or {}).items()}
+        # the experiment whose backbone the tables' token case study tokenizes with (tokens_from: NAME), for one
+        # whose weights exist only on another machine but whose tokenizer is that experiment's
+        self.tokens_from = cfg.get("tokens_from") or experiment
 
     def lr_grid(self, method: str) -> list[float]:
         return self.lr_grids.get(method) or lr_grid(method)

@@ -129,3 +129,14 @@ def test_patience_out_of_range_is_refused():
     from sparsetune_cli.errors import UserError
     with pytest.raises(UserError, match="train.patience=0 is out of range"):
         validate_config(compose(["train.patience=0"]))
+
+
+def test_the_gpu_grids_tables_tokenize_with_what_every_clone_has():
+    """paper_full_gpu trains from .gpu_bundle/ (written by make gpu-bundle, git-ignored); its tables' token case
+    study must not need it, or `make tables` fails on a fresh clone."""
+    from sparsetune_cli.models import weights_location
+    from sparsetune_cli.sweep import Plan
+    plan = Plan("paper_full_gpu", [])
+    assert compose([f"experiment={plan.experiment}"]).backbone.hub_id.startswith(".gpu_bundle")
+    tokens = compose([f"experiment={plan.tokens_from}", "task=trec", "method=sparse"])
+    assert Path(weights_location(tokens.backbone)).is_dir() and ".gpu_bundle" not in weights_location(tokens.backbone)
