@@ -53,11 +53,11 @@ case "$MODE" in
     # timeout signals the whole process group: every run saves an interrupted record, as on Ctrl-C
     EXPERIMENT=${EXPERIMENT:-paper_full_gpu}   # a rehearsal on a CPU: EXPERIMENT=paper_smoke OUTPUT_ROOT=DIR
                                                # SKIP_INSTALL=1 PYTHON=.venv/bin/python
-    pack() {   # the completed records so far, and the log's end; renamed into place, so a kill mid-pack
-               # (the device lease can end before DEADLINE) leaves the last whole archive
+    pack() {   # the finished records so far (completed or diverged: both final) and the log's end; renamed into
+               # place, so a kill mid-pack (the lease can end before DEADLINE) leaves the last whole archive
       { find "${OUTPUT_ROOT:-results}/runs" -name metrics.json \( -path "*experiment=$EXPERIMENT,*" \
           -o -path "*experiment=${ABLATION:-$EXPERIMENT},*" \) -print0 |
-        xargs -0 -r grep -l '"status": "completed"' || true; } | tar czf "$OUT_DIR/records.part" -T - &&
+        xargs -0 -r grep -lE '"status": "(completed|diverged)"' || true; } | tar czf "$OUT_DIR/records.part" -T - &&
         mv -f "$OUT_DIR/records.part" "$OUT_DIR/records.tgz"
       tail -c 2000000 /tmp/grid.log > "$OUT_DIR/grid.part" && mv -f "$OUT_DIR/grid.part" "$OUT_DIR/grid.log"
     }
@@ -75,7 +75,7 @@ case "$MODE" in
     fi
     [ $rc = 124 ] && rc=0   # the deadline, not a failure
     touch /tmp/grid.done; wait $packer; pack   # the packer's last pack ends before this one begins
-    echo "grid: $(tar tzf "$OUT_DIR/records.tgz" | wc -l) completed records in $OUT_DIR/records.tgz (rc $rc)"
+    echo "grid: $(tar tzf "$OUT_DIR/records.tgz" | wc -l) finished records in $OUT_DIR/records.tgz (rc $rc)"
     grep -a "Error\|error:" /tmp/grid.log | tail -5 || true ;;
   *) echo "unknown mode $MODE: check, grid or ablation" >&2; exit 2 ;;
 esac
