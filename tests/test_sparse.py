@@ -1,9 +1,12 @@
 """The sparse method: frozen weights stay bit-identical, merge gives the same logits with the base
 architecture, the budget holds, every selector runs, the backward stops at the selected depth,
-and the token report of a real task reads as its semantics."""
+and the token report of a real task reads as its semantics (and scripts/weight_change.py finds where it trained)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -405,3 +408,21 @@ def test_probe_allocation_fills_the_token_probes_matrices_with_the_selectors_row
         cfg, *_ = setup("tiny-encoder", "sparse", data_dir, ["method.allocation=probe", bad])
         with pytest.raises(UserError, match="allocation=probe"):
             get_method(cfg.method).validate()
+
+
+def test_weight_change_script_finds_the_blocks_each_method_changed(tmp_path, data_dir):
+    """scripts/weight_change.py: sparse with depth 1 changes the top block alone (the merged export, against the
+    pretrained weights), full finetuning every block and the embeddings."""
+    runs = []
+    for method, extra in (("sparse", ["method.depth=1", "method.lr=1e-2"]), ("full", [])):
+        record, run_dir = run_tiny(tmp_path / method, [f"method={method}", "task=trec", f"data_dir={data_dir}", *extra])
+        assert record["status"] == "completed"
+        runs.append(str(run_dir))
+    proc = subprocess.run([sys.executable, "scripts/weight_change.py", *runs], check=True, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| ")]
+    header, sparse, full = rows[0], dict(zip(rows[0], rows[1])), dict(zip(rows[0], rows[2]))
+    assert header == ["run", "embeddings", "block 0", "block 1"]
+    assert float(sparse["embeddings"]) == float(sparse["block 0"]) == 0 < float(sparse["block 1"])
+    assert all(float(full[column]) > 0 for column in header[1:])
