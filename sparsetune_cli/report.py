@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .record import FINISHED, RunRecord, mean_std, read_record
+from .record import RunRecord, mean_std, read_record
 from .sweep import Plan, fmt_lr, lr_cell, lr_choices, main_records
 
 
@@ -85,16 +85,13 @@ def main_table(df: pd.DataFrame, tasks: list[str], methods: list[str]) -> tuple[
 
 
 def lr_table(plan: Plan, chosen: dict) -> pd.DataFrame:
-    """The learning-rate grid: seed-0 validation score of every grid point (the widened grid once a cell is
-    finished), the choice and whether it sits on an end of the grid (then a wider grid might do better)."""
+    """The learning-rate grid: seed-0 validation score of every grid point that has run (an unfinished cell
+    shows the grid walked so far, widened points included), the choice and whether the point sits on an end of
+    the grid searched so far (then a wider grid might do better)."""
     rows = []
     for task in plan.tasks:
         for method in plan.methods:
-            runs, todo = lr_cell(plan, task, method, plan.lr_extend)
-            if todo:   # unfinished: show what has run of the method's own grid
-                grid = {fmt_lr(lr) for lr in plan.lr_grid(method)}
-                runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method, statuses=FINISHED)
-                        if r.seed == 0 and fmt_lr(r.config["method"]["lr"]) in grid}
+            runs, _ = lr_cell(plan, task, method, plan.lr_extend)
             ends = {min(runs, key=float), max(runs, key=float)} if runs else set()
             pick = chosen.get((task, method))
             for lr, r in sorted(runs.items(), key=lambda kv: float(kv[0])):

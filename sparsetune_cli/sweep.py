@@ -117,16 +117,18 @@ def grid_score(rec: RunRecord) -> float:
 
 
 def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, RunRecord], list[float]]:
-    """The seed-0 runs of one (task, method) grid, by lr, and the lrs still to run. The grid is the method's
-    lr_grid, widened by up to `extend` steps past an end while the end is strictly the best point: a best
-    score at the edge means a wider grid may do better. Ties stay put, so a method that learns nothing at
-    any lr does not walk off. A diverged run is a finished grid point, the worst."""
+    """The seed-0 runs of one (task, method) grid, by lr, and the lrs still to run (while there are some, the
+    runs are the finished points of the grid walked so far). The grid is the method's lr_grid, widened by up to
+    `extend` steps past an end while the end is strictly the best point: a best score at the edge means a wider
+    grid may do better. Ties stay put, so a method that learns nothing at any lr does not walk off. A diverged
+    run is a finished grid point, the worst."""
     grid = sorted(plan.lr_grid(method))
     runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method, statuses=FINISHED)
             if r.seed == 0}
+    walked = lambda: {fmt_lr(lr): runs[fmt_lr(lr)] for lr in grid if fmt_lr(lr) in runs}  # noqa: E731
     missing = [lr for lr in grid if fmt_lr(lr) not in runs]
     if missing:
-        return {}, missing
+        return walked(), missing
     steps = {True: 0, False: 0}
     while True:
         scores = {lr: grid_score(runs[fmt_lr(lr)]) for lr in grid}
@@ -135,12 +137,12 @@ def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, 
             if len(grid) > 1 and scores[end] == best > scores[inner] and steps[up] < extend:
                 nxt = lr_step(end, up)
                 if fmt_lr(nxt) not in runs:
-                    return {}, [nxt]
+                    return walked(), [nxt]
                 grid = sorted([*grid, nxt])
                 steps[up] += 1
                 break   # widened: look at both ends again
         else:   # neither end needs widening
-            return {fmt_lr(lr): runs[fmt_lr(lr)] for lr in grid}, []
+            return walked(), []
 
 
 def best_lr(runs: dict[str, RunRecord]) -> float:

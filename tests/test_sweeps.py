@@ -309,6 +309,19 @@ def test_a_diverged_grid_point_finishes_its_grid_as_the_worst_lr(monkeypatch):
     assert math.isnan(table.validation[0.03]) and table.validation[0.01] == 0.01 and table.chosen[0.01]
 
 
+def test_an_unfinished_grid_shows_its_widened_points_so_far():
+    """A grid still widening (its top end won, the next step has not run) lists every point it ran, the widened
+    one included, with the ends of what it searched so far, and chooses nothing yet."""
+    from sparsetune_cli import report, sweep
+    plan = FakeGrid(lambda lr: lr)
+    plan.runs = {lr: lr for lr in (0.001, 0.003, 0.01, 0.03, 0.1)}   # 0.1 won too: 0.3 is next
+    choice, missing = sweep.lr_choices(plan)
+    assert choice == {} and missing == ["trec/sparse (lr 0.3 to run)"]
+    table = report.lr_table(plan, choice)
+    assert table.lr.tolist() == [0.001, 0.003, 0.01, 0.03, 0.1] and not table.chosen.any()
+    assert table[table.edge].lr.tolist() == [0.001, 0.1]
+
+
 def test_lr_step_walks_the_1_3_10_series():
     from sparsetune_cli.sweep import lr_step
     assert [lr_step(lr, True) for lr in (1e-4, 3e-4, 0.01, 0.03)] == [3e-4, 1e-3, 0.03, 0.1]
