@@ -81,7 +81,7 @@ selector-study: install
 # Only regenerate results/paper/, results/paper_full/ and results/paper_full_gpu/ from the runs under results/runs/.
 tables: install
 	$(BIN)/sparsetune paper --stage tables
-	$(BIN)/sparsetune paper --stage tables --experiment paper_full_cpu --ablation paper_full_cpu_budget --study none --out results/paper_full
+	$(BIN)/sparsetune paper --stage tables --experiment paper_full_cpu --ablation paper_full_cpu_budget,paper_full_cpu_depth --study none --out results/paper_full
 	$(BIN)/sparsetune paper --stage tables --experiment paper_full_gpu --ablation paper_full_gpu_budget --study none --out results/paper_full_gpu
 
 clean:

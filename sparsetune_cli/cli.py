@@ -146,7 +146,9 @@ def _paper(args: list[str]) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("all",) + sweep.STAGES + ("status",), default="all")
     p.add_argument("--experiment", default="paper_cpu", help="the main grid (configs/experiment/)")
-    p.add_argument("--ablation", default="paper_ablation_cpu", help="the sparse ablation; 'none' to skip")
+    p.add_argument("--ablation", default="paper_ablation_cpu",
+                   help="the sparse ablations, comma-separated (tables: ablation.md for the first, "
+                        "ablation_NAME.md for each further one); 'none' to skip")
     p.add_argument("--study", default="paper_selector_cpu,paper_selector_head_cpu,paper_selector_readout_cpu,"
                                       "paper_selector_even_cpu,paper_selector_depth_cpu,paper_selector_columns_cpu,"
                                       "paper_selector_1pct_cpu,paper_selector_embeddings_cpu,"
@@ -161,7 +163,7 @@ def _paper(args: list[str]) -> None:
     if a.stage == "status":
         print(status_text(sweep.progress(plan), plan.experiment))
         return
-    ablation = None if a.ablation == "none" else sweep.Plan(a.ablation, a.overrides)
+    ablations = [] if a.ablation == "none" else [sweep.Plan(name, a.overrides) for name in a.ablation.split(",")]
     study = [] if a.study == "none" else [sweep.Plan(name, a.overrides) for name in a.study.split(",")]
     stages = sweep.STAGES if a.stage == "all" else (a.stage,)
     try:
@@ -169,12 +171,12 @@ def _paper(args: list[str]) -> None:
             sweep.run_grid(plan)
         if "seeds" in stages:
             sweep.run_seeds(plan)
-        if "ablation" in stages and ablation is not None:
+        for ablation in ablations if "ablation" in stages else []:
             sweep.run_ablation(plan, ablation)
     except KeyboardInterrupt:
         raise UserError("interrupted: finished runs are kept; rerun the same command to resume") from None
     if "tables" in stages:
-        for path in write_tables(plan, ablation, Path(a.out), study):
+        for path in write_tables(plan, ablations, Path(a.out), study):
             print(f"wrote {path}")
 
 

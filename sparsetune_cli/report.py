@@ -145,10 +145,16 @@ def time_to_reach(run_dir: str, full_dir: str) -> float | None:
 
 
 def ablation_table(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-    # budget and selector always; depth where the ablation varies it (the selector ablation pins it)
+    # rows: budget and selector always, depth where the ablation varies it (the selector ablation pins it);
+    # per task the test score over seeds and, beside it, the validation mean (what a choice is made on)
     axes = ["budget", *(["depth"] if df["depth"].nunique() > 1 else []), "selector"]
-    cells = df.groupby([*axes, "task"])["test"].apply(over_seeds).unstack("task")
-    return cells.reindex(columns=[t for t in tasks if t in cells.columns]).fillna("").reset_index()
+    groups = df.groupby([*axes, "task"])
+    test = groups["test"].apply(over_seeds).unstack("task")
+    val = groups["validation"].mean().map(lambda v: "" if pd.isna(v) else f"{v:.4f}").unstack("task")
+    cells = pd.DataFrame(index=test.index)
+    for task in [t for t in tasks if t in test.columns]:
+        cells[task], cells[f"{task} val"] = test[task], val[task]
+    return cells.fillna("").reset_index()
 
 
 def stability_table(df: pd.DataFrame, tasks: list[str], methods: list[str]) -> pd.DataFrame:
@@ -469,7 +475,7 @@ def plots(df: pd.DataFrame, cost: pd.DataFrame, tasks: list[str], methods: list[
     return written
 
 
-def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan] | None = None) -> list[Path]:
+def write_tables(plan: Plan, ablations: list[Plan], out: Path, study: list[Plan] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     chosen, missing = lr_choices(plan)
     records = main_records(plan)
@@ -511,14 +517,16 @@ def write_tables(plan: Plan, ablation: Plan | None, out: Path, study: list[Plan]
          "evaluation; `time to full's best validation` is when a run first matched full finetuning's best "
          "validation score, counted from the start of the command. Peak RSS is the whole process (on the CPU "
          "model loading dominates it; scripts/bench.py measures training memory alone).", index=False)
-    if ablation is not None:
+    for i, ablation in enumerate(ablations):   # ablation.md, then ablation_NAME.md for each further one
         abl = [r for task in ablation.tasks for r in ablation.records(task, "sparse")]
         if abl:
-            save("ablation", ablation_table(frame(abl), ablation.tasks),
-                 f"Sparse ablation, experiment={ablation.experiment}: test headline metric",
+            save("ablation" if i == 0 else f"ablation_{ablation.experiment}",
+                 ablation_table(frame(abl), ablation.tasks),
+                 f"Sparse ablation, experiment={ablation.experiment}: headline metric, test and validation",
                  "Rows: how many rows train (budget, fraction of backbone parameters), where (depth: the top "
                  "blocks that get rows, where it varies) and which (selector: token = token-driven gradient, the "
-                 "default).", index=False)
+                 "default). Per task: the test score (mean ± std over seeds) and the validation mean (`val`).",
+                 index=False)
     runs = [r for p in study or [] for task in p.tasks for r in p.records(task, "sparse")]
     if runs:
         tasks = list(dict.fromkeys(t for p in study for t in p.tasks))

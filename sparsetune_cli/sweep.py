@@ -47,6 +47,9 @@ class Plan:
         self.tasks, self.seeds, self.methods = params["task"], params["seed"], params.get("method", ["sparse"])
         self.backbone = cfg.backbone.name
         self.runs = Path(cfg.output_root) / "runs"
+        # the keys that name this experiment's own run folders: the lr and what its sweep varies. A run of the
+        # experiment with more overrides (a trial with train.max_steps=1, another budget) is not a grid point
+        self.grid_keys = {"experiment", "method.lr", *(set(params) - {"task", "method", "seed"})}
         # an experiment may search its own lr grid per method (lr_grids: {full: [...]}); else the method's lr_grid
         self.lr_grids = {m: [float(v) for v in grid] for m, grid in (cfg.get("lr_grids") or {}).items()}
         # an ablation may pin sparse's lr per task (ablation_lr: {srl: 0.003}), so that a later re-run of the main
@@ -60,16 +63,21 @@ class Plan:
         return self.lr_grids.get(method) or lr_grid(method)
 
     def records(self, task: str, method: str, extra: str | None = None,
-                statuses: tuple[str, ...] = ("completed",)) -> list[RunRecord]:
+                statuses: tuple[str, ...] = ("completed",), grid: bool = False) -> list[RunRecord]:
         """Runs of this experiment (completed ones unless `statuses` says); `extra` keeps only one lr, e.g.
-        'method.lr=0.001'."""
+        'method.lr=0.001'; `grid` only the runs the experiment's own sweep names (no further overrides)."""
         prefix = f"experiment={self.experiment},"
         return [r for r in collect([self.runs / task / self.backbone / method], statuses)
-                if r.variant.startswith(prefix) and (extra is None or extra in r.variant.split(","))]
+                if r.variant.startswith(prefix) and (extra is None or extra in r.variant.split(","))
+                and (not grid or self.is_grid_variant(r.variant))]
+
+    def is_grid_variant(self, variant: str) -> bool:
+        return {part.split("=", 1)[0] for part in variant.split(",") if "=" in part} == self.grid_keys
 
     def run_dirs(self, task: str, method: str) -> list[Path]:
-        """Every run folder of this experiment in one (task, method) cell, finished or not."""
-        return sorted(self.runs.glob(f"{task}/{self.backbone}/{method}/experiment={self.experiment},*/seed*"))
+        """Every run folder of this experiment's grid in one (task, method) cell, finished or not."""
+        return sorted(d for d in self.runs.glob(f"{task}/{self.backbone}/{method}/experiment={self.experiment},*/seed*")
+                      if self.is_grid_variant(d.parent.name))
 
 
 def launch(overrides: list[str]) -> None:
@@ -123,7 +131,7 @@ def lr_cell(plan: Plan, task: str, method: str, extend: int) -> tuple[dict[str, 
     grid may do better. Ties stay put, so a method that learns nothing at any lr does not walk off. A diverged
     run is a finished grid point, the worst."""
     grid = sorted(plan.lr_grid(method))
-    runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method, statuses=FINISHED)
+    runs = {fmt_lr(r.config["method"]["lr"]): r for r in plan.records(task, method, statuses=FINISHED, grid=True)
             if r.seed == 0}
     walked = lambda: {fmt_lr(lr): runs[fmt_lr(lr)] for lr in grid if fmt_lr(lr) in runs}  # noqa: E731
     missing = [lr for lr in grid if fmt_lr(lr) not in runs]
@@ -208,7 +216,8 @@ def run_ablation(plan: Plan, ablation: Plan) -> None:
 def main_records(plan: Plan) -> list[RunRecord]:
     """Every seed of every (task, method) at its chosen lr, for the cells whose grid is finished."""
     chosen, _ = lr_choices(plan)
-    return [r for (task, method), lr in chosen.items() for r in plan.records(task, method, f"method.lr={fmt_lr(lr)}")]
+    return [r for (task, method), lr in chosen.items()
+            for r in plan.records(task, method, f"method.lr={fmt_lr(lr)}", grid=True)]
 
 
 def progress(plan: Plan) -> list[dict]:

