@@ -432,27 +432,33 @@ def test_stopping_the_worker_launcher_sends_each_run_one_signal(tmp_path):
     assert [(tmp_path / f"count{i}").read_text() for i in (0, 1)] == ["1", "1"]
 
 
+def write_trec_record(plan, method, lr, seed, status, seconds=None, steps=None, score=0.5, extra=""):
+    """A made-up run record of `plan` on trec in the folder the grid names (`extra`: more overrides after the lr),
+    with its config.yaml, as a run writes when it starts."""
+    from sparsetune_cli.record import RunRecord
+    run_dir = plan.runs / "trec" / plan.backbone / method / f"experiment={plan.experiment},method.lr={lr}{extra}" / \
+        f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("{}")
+    RunRecord.from_dict({"status": status, "task": "trec", "method": method, "seed": seed,
+                         "headline_metric": "accuracy", "config": {"method": {"lr": lr}},
+                         "cost": {"train_seconds": seconds, "steps": steps} if seconds is not None else None,
+                         "metrics": {"validation": {"accuracy": score}, "test": {"accuracy": score}}
+                         if status == "completed" else None}).write(run_dir)
+    return run_dir
+
+
 def test_a_trial_run_of_the_experiment_with_more_overrides_is_not_a_grid_point(tmp_path):
     """`sparsetune run experiment=paper_smoke method.lr=0.01 train.max_steps=1` lands beside the grid's runs (the
     experiment names their folder); its score must not choose the lr, nor its seed join the main table."""
     from sparsetune_cli import sweep
-    from sparsetune_cli.record import RunRecord
     plan = sweep.Plan("paper_smoke", [f"output_root={tmp_path}"])
     plan.tasks, plan.methods = ["trec"], ["sparse"]
-
-    def write(variant, lr, seed, score):
-        run_dir = plan.runs / "trec" / plan.backbone / "sparse" / variant / f"seed{seed}"
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.yaml").write_text("{}")
-        scores = {"validation": {"accuracy": score}, "test": {"accuracy": score}}
-        RunRecord.from_dict({"status": "completed", "task": "trec", "method": "sparse", "seed": seed, "metrics": scores,
-                             "headline_metric": "accuracy", "config": {"method": {"lr": lr}}, "variant": variant}
-                            ).write(run_dir)
     for lr, score in ((0.001, 0.5), (0.003, 0.7), (0.01, 0.6), (0.03, 0.4)):
-        write(f"experiment=paper_smoke,method.lr={lr}", lr, 0, score)
-    write("experiment=paper_smoke,method.lr=0.003", 0.003, 1, 0.65)
-    write("experiment=paper_smoke,method.lr=0.01,train.max_steps=1", 0.01, 0, 0.99)    # would win the grid
-    write("experiment=paper_smoke,method.lr=0.003,train.max_steps=1", 0.003, 1, 0.99)  # a second seed 1
+        write_trec_record(plan, "sparse", lr, 0, "completed", score=score)
+    write_trec_record(plan, "sparse", 0.003, 1, "completed", score=0.65)
+    write_trec_record(plan, "sparse", 0.01, 0, "completed", score=0.99, extra=",train.max_steps=1")  # would win
+    write_trec_record(plan, "sparse", 0.003, 1, "completed", score=0.99, extra=",train.max_steps=1")  # a 2nd seed 1
     (plan.runs / "trec" / plan.backbone / "sparse" / "experiment=paper_smoke,method.lr=0.01,train.epochs=1" /
      "seed0").mkdir(parents=True)   # a trial still running
 
@@ -502,23 +508,11 @@ def test_paper_status_counts_what_is_done_started_and_left_without_touching_a_ru
     at its newest checkpoint's step, and the hours to go come from the cell's finished runs less that progress."""
     from sparsetune_cli import sweep
     from sparsetune_cli.cli import status_text
-    from sparsetune_cli.record import RunRecord
     plan = sweep.Plan("paper_smoke", [f"output_root={tmp_path}"])
     plan.tasks, plan.methods = ["trec"], ["sparse", "full"]
-
-    def write(method, lr, seed, status, seconds, steps, score=0.5):
-        run_dir = plan.runs / "trec" / plan.backbone / method / f"experiment=paper_smoke,method.lr={lr}" / f"seed{seed}"
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.yaml").write_text("{}")
-        RunRecord.from_dict({"status": status, "task": "trec", "method": method, "seed": seed,
-                             "headline_metric": "accuracy", "config": {"method": {"lr": lr}},
-                             "cost": {"train_seconds": seconds, "steps": steps},
-                             "metrics": {"validation": {"accuracy": score}, "test": {"accuracy": score}}
-                             if status == "completed" else None}).write(run_dir)
-        return run_dir
     for lr, score in ((0.001, 0.5), (0.003, 0.7), (0.01, 0.6), (0.03, 0.4)):
-        write("sparse", lr, 0, "completed", 3600.0, 100, score)
-    cut_off = write("full", 0.0001, 0, "interrupted", 1800.0, 40)
+        write_trec_record(plan, "sparse", lr, 0, "completed", 3600.0, 100, score)
+    cut_off = write_trec_record(plan, "full", 0.0001, 0, "interrupted", 1800.0, 40)
     (cut_off / "checkpoints" / "checkpoint-40").mkdir(parents=True)
     (cut_off / "checkpoints" / "checkpoint-40" / "partial").write_text("a checkpoint being written")
 
@@ -532,7 +526,7 @@ def test_paper_status_counts_what_is_done_started_and_left_without_touching_a_ru
     assert full["hours spent"] == 0.5 and full["hours to go"] is None   # no finished run to estimate from
     assert (cut_off / "checkpoints" / "checkpoint-40" / "partial").exists()   # left as it was
 
-    write("full", 0.0003, 0, "completed", 7200.0, 100)   # 72 s a step: the cut-off run has 60 steps left
+    write_trec_record(plan, "full", 0.0003, 0, "completed", 7200.0, 100)   # 72 s a step: cut_off has 60 to go
     full = {r["method"]: r for r in sweep.progress(plan)}["full"]
     assert full["runs to go"] == 4 and full["hours to go"] == round((4 * 7200 - 40 * 72) / 3600, 2)
     text = status_text(sweep.progress(plan), plan.experiment)
