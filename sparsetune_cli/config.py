@@ -69,6 +69,7 @@ ADDED_KEYS = {
     "train.frozen_dropout": True,   # dropout everywhere, as in Hugging Face training
     "train.patience": None,
     "train.sampling": "random",
+    "train.data_order": "epoch_offset",   # seed + epoch seeded each epoch's shuffle
 }
 
 
@@ -194,6 +195,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")   # the same AdamW; fused is one kernel per step
 SAMPLING = ("random", "group_by_length")        # the Trainer's train_sampling_strategy
+DATA_ORDERS = {"independent": 1_000_003, "epoch_offset": 1}   # the data seed is seed x this (+ epoch, per epoch)
 LOGGERS = {"csv": "none", "none": "none", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
@@ -225,6 +227,7 @@ def validate_config(cfg) -> None:
         (t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, ">= 1"),
         (t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1"),
         (t.sampling in SAMPLING, "train.sampling", t.sampling, " or ".join(SAMPLING)),
+        (t.data_order in DATA_ORDERS, "train.data_order", t.data_order, " or ".join(DATA_ORDERS)),
         (cfg.method.lr > 0, "method.lr", cfg.method.lr, "> 0"),
         (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0"),
         (0 <= t.warmup < 1 or (t.warmup >= 1 and float(t.warmup).is_integer()), "train.warmup", t.warmup,

@@ -343,6 +343,19 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what platform says). Float sums depend on the kernels the
+    CPU selects, so two machines give the same run curves that drift apart within an epoch or two."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Processor", "cpu model") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def package_versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "peft", "datasets", "accelerate", "sparsetune"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import ADDED_KEYS
 from .errors import UserError
 from .record import RunRecord, mean_std, read_record
 from .sweep import Plan, fmt_lr, lr_cell, lr_choices, main_records
@@ -555,7 +556,8 @@ def write_tables(plan: Plan, ablations: list[Plan], out: Path, study: list[Plan]
         written.extend([fig] if fig else [])
     stab = stability_table(df, plan.tasks, plan.methods)
     save("stability", stab, "Stability over seeds (test headline metric, each method at its chosen lr)",
-         "`std`: sample std over seeds; `mean - worst`: how far the worst seed falls below the mean.", index=False)
+         "`std`: sample std over seeds; `mean - worst`: how far the worst seed falls below the mean."
+         + data_order_note(records), index=False)
     conv = convergence_table(records)
     if not conv.empty:
         save("convergence", conv, "Did each run's validation curve flatten?",
@@ -570,6 +572,16 @@ def write_tables(plan: Plan, ablations: list[Plan], out: Path, study: list[Plan]
     written += plots(df, cost, plan.tasks, plan.methods, out)
     written += stability_plot(stab, plan.tasks, out)
     return written
+
+
+def data_order_note(records: list[RunRecord]) -> str:
+    """What the seeds' data orders have in common, when they share them (train.data_order=epoch_offset)."""
+    orders = {r.config.get("train", {}).get("data_order", ADDED_KEYS["train.data_order"]) for r in records}
+    if "epoch_offset" not in orders:
+        return ""
+    return (" The seeds shuffle with `train.data_order=epoch_offset`: seed s's epoch e has seed 0's epoch s + e "
+            "order, so they share most data orders and differ in head initialization, dropout and sparse's probe "
+            "(README, `train.data_order`).")
 
 
 def stability_plot(stab: pd.DataFrame, tasks: list[str], out: Path) -> list[Path]:

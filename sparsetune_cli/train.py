@@ -19,15 +19,15 @@ from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
 
 from . import bottom_cache
 from .callbacks import CsvLogger, EvalClock, ReseedEachStep, StopOnNonFiniteLoss, StopOnSignal
-from .config import LOGGERS, resolve_precision, validate_config, validate_precision
+from .config import DATA_ORDERS, LOGGERS, resolve_precision, validate_config, validate_precision
 from .data import load_task, longest_first, tokenize, tokenized_cache_dir
 from .errors import UserError
 from .methods import MethodContext, count_params, get_method
 from .methods.base import WEIGHTS, fp32_trainable
 from .models import frozen_bottom, load_model, load_tokenizer
 from .record import (CHECKPOINTS, CONFIG_FILE, LABELS_FILE, LOG_FILE, MODEL_DIR, RunLock, RunRecord,
-                     checkpoint_step, classification_metrics, file_sha256, finished_run, last_good_checkpoint,
-                     read_record, same_config, usable_cpus)
+                     checkpoint_step, classification_metrics, cpu_model, file_sha256, finished_run,
+                     last_good_checkpoint, read_record, same_config, usable_cpus)
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,9 @@ def _train_and_evaluate(cfg, run_dir: Path, data, method, record: RunRecord, sta
     loads = [e[EvalClock.LOAD_KEY] for e in logged.values() if EvalClock.LOAD_KEY in e]
     # what else ran: a load average near cpu_count (the machine's, as the load is) means every core was busy
     # (e.g. a parallel sweep's other jobs); usable_cpus is what this process may run on (its affinity)
-    record.cost.update(cpu_count=os.cpu_count(), usable_cpus=usable_cpus(), threads=torch.get_num_threads(),
+    # which CPU and which of its instruction sets torch's kernels use: the same run repeats bit for bit only there
+    record.cost.update(cpu=f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})",
+                       cpu_count=os.cpu_count(), usable_cpus=usable_cpus(), threads=torch.get_num_threads(),
                        load_average=round(float(np.mean(loads)), 2) if loads else None)
     if not main:
         return record
@@ -231,7 +233,9 @@ def training_arguments(cfg, run_dir: Path, headline: str) -> TrainingArguments:
         save_total_limit=2, load_best_model_at_end=True, metric_for_best_model=headline, greater_is_better=True,
         restore_callback_states_from_checkpoint=True,   # early stopping's count survives a resume
         logging_steps=t.logging_steps, logging_first_step=True, report_to=LOGGERS[t.logger],
-        disable_tqdm=not t.progress, seed=cfg.seed, data_seed=cfg.seed, full_determinism=bool(t.deterministic),
+        # the shuffle of epoch e is seeded with data_seed + e: spread the seeds apart (train.data_order)
+        disable_tqdm=not t.progress, seed=cfg.seed, data_seed=cfg.seed * DATA_ORDERS[t.data_order],
+        full_determinism=bool(t.deterministic),
         dataloader_num_workers=t.num_workers, label_names=["labels"],
         remove_unused_columns=False,   # the datasets hold only model inputs, plus the frozen-bottom cache's row index
         logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away

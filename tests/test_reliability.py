@@ -97,3 +97,33 @@ def test_gpu_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
         run_tiny(tmp_path, [])
     rec = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert rec["status"] == "failed" and "out of GPU memory" in rec["error"]
+
+
+def epoch_orders(tmp_path: Path, overrides: list[str], epochs: int = 2) -> list[list[int]]:
+    """The row order of each epoch as the run's Trainer draws it (its prepared train dataloader, set to each epoch
+    as the training loop sets it)."""
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from conftest import compose
+    from sparsetune_cli.train import training_arguments
+    cfg = compose(["backbone=tiny-encoder", *overrides])
+    rows = Dataset.from_dict({"input_ids": [[i] for i in range(24)], "labels": [0] * 24})
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=training_arguments(cfg, tmp_path, "accuracy"),
+                      train_dataset=rows, eval_dataset=rows,
+                      data_collator=lambda b: {"input_ids": torch.tensor([r["input_ids"] for r in b])})
+    loader, orders = trainer.get_train_dataloader(), []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        orders.append([int(i) for batch in loader for i in batch["input_ids"][:, 0]])
+    return orders
+
+
+def test_each_seed_draws_its_own_epoch_orders(tmp_path):
+    seed0, seed1 = (epoch_orders(tmp_path, [f"seed={s}"]) for s in (0, 1))
+    assert seed0[0] != seed0[1] and sorted(seed0[0]) == list(range(24))
+    assert seed1[0] != seed0[1] and seed1[0] != seed0[0]   # not seed 0's second epoch again
+    # the runs before train.data_order: seed s shuffled epoch e as seed s + 1 shuffled epoch e - 1
+    old0, old1 = (epoch_orders(tmp_path, [f"seed={s}", "train.data_order=epoch_offset"]) for s in (0, 1))
+    assert old1[0] == old0[1] and old0 == seed0                 # seed 0 is the same either way

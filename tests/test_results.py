@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sparsetune_cli.record import classification_metrics, collect, write_json_atomic
-from sparsetune_cli.report import comparison_table
+from sparsetune_cli.report import comparison_table, data_order_note
 
 
 def record(method, task, seed, acc, status="completed"):
@@ -277,3 +277,11 @@ def test_the_ablation_table_has_a_depth_axis_only_where_the_ablation_varies_dept
     pinned = ablation_table(pd.DataFrame([r for r in rows if r["depth"] == "2"]), ["entity_matching"])
     assert list(pinned.columns) == ["budget", "selector", "entity_matching", "entity_matching val"]
     assert len(pinned) == 2
+
+
+def test_the_stability_note_says_when_seeds_share_data_orders():
+    from types import SimpleNamespace as Rec
+    before_the_key, pinned, spread = (Rec(config={"train": t}) for t in
+                                      ({}, {"data_order": "epoch_offset"}, {"data_order": "independent"}))
+    assert "epoch_offset" in data_order_note([before_the_key]) and "epoch_offset" in data_order_note([spread, pinned])
+    assert data_order_note([spread]) == ""

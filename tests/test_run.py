@@ -43,6 +43,7 @@ def test_result_schema(finished_run):
     assert cost["trainable_params"] == cost["total_params"]            # full finetuning trains everything
     assert cost["cpu_count"] >= 1 and cost["threads"] >= 1 and cost["load_average"] >= 0   # what else ran
     assert 1 <= cost["usable_cpus"] <= cost["cpu_count"]
+    assert cost["cpu"].endswith(")") and "(" in cost["cpu"]           # model (instruction set): where it repeats
     assert {"python", "torch", "transformers", "peft", "datasets", "sparsetune", "git_commit"} <= set(rec["versions"])
     assert rec["config"]["train"]["epochs"] == 1 and rec["config"]["seed"] == 0
     assert (run_dir / "config.yaml").is_file() and (run_dir / "log.csv").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import TINY, compose, run_tiny
 from sparsetune_cli.cli import pin_gpu, thread_share
 from sparsetune_cli.config import CONFIG_DIR, non_result_keys
-from sparsetune_cli.record import config_changes, usable_cpus
+from sparsetune_cli.record import config_changes, cpu_model, usable_cpus
 from sparsetune_cli.errors import UserError
 
 BIN = Path(sys.executable).parent
@@ -188,6 +189,15 @@ def test_the_cores_counted_are_the_ones_the_process_may_use(monkeypatch):
     assert usable_cpus() == 3
     monkeypatch.delattr(os, "sched_getaffinity")   # macOS: no affinity call, the machine's count
     assert usable_cpus() == 64
+
+
+def test_the_cpu_model_is_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n")
+    assert cpu_model(info) == "Intel(R) Xeon(R) Platinum 8480+"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")      # no model line (some ARM kernels): platform's
+    assert cpu_model(info) == (platform.processor() or platform.machine() or "unknown")
+    assert cpu_model(tmp_path / "missing") == (platform.processor() or platform.machine() or "unknown")
 
 
 def test_parallel_jobs_get_one_gpu_each(monkeypatch):
