@@ -149,6 +149,10 @@ def ablation_table(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     # rows: budget and selector always, depth where the ablation varies it (the selector ablation pins it);
     # per task the test score over seeds and, beside it, the validation mean (what a choice is made on)
     axes = ["budget", *(["depth"] if df["depth"].nunique() > 1 else []), "selector"]
+    # and the lr where a cell ran at more than one (a setting tried at another lr than sparse's chosen one): its
+    # runs are other settings, not more seeds
+    if df.groupby([*axes, "task"])["lr"].nunique().max() > 1:
+        axes.append("lr")
     groups = df.groupby([*axes, "task"])
     test = groups["test"].apply(over_seeds).unstack("task")
     val = groups["validation"].mean().map(lambda v: "" if pd.isna(v) else f"{v:.4f}").unstack("task")
@@ -526,7 +530,8 @@ def write_tables(plan: Plan, ablations: list[Plan], out: Path, study: list[Plan]
                  f"Sparse ablation, experiment={ablation.experiment}: headline metric, test and validation",
                  "Rows: how many rows train (budget, fraction of backbone parameters), where (depth: the top "
                  "blocks that get rows, where it varies) and which (selector: token = token-driven gradient, the "
-                 "default). Per task: the test score (mean ± std over seeds) and the validation mean (`val`).",
+                 "default), and the lr where a setting ran at more than one. Per task: the test score (mean ± std "
+                 "over seeds) and the validation mean (`val`).",
                  index=False)
     runs = [r for p in study or [] for task in p.tasks for r in p.records(task, "sparse")]
     if runs:

@@ -266,7 +266,7 @@ def test_the_ablation_table_has_a_depth_axis_only_where_the_ablation_varies_dept
     import pandas as pd
 
     from sparsetune_cli.report import ablation_table
-    rows = [{"task": "entity_matching", "selector": "token+head64", "budget": b, "depth": d, "seed": 0,
+    rows = [{"task": "entity_matching", "selector": "token+head64", "budget": b, "depth": d, "seed": 0, "lr": 3e-4,
              "test": 0.6 + b + (0.1 if d == "all" else 0), "validation": 0.5 + b}
             for b in (0.01, 0.1) for d in ("2", "all")]
     both = ablation_table(pd.DataFrame(rows), ["entity_matching"])
@@ -277,6 +277,22 @@ def test_the_ablation_table_has_a_depth_axis_only_where_the_ablation_varies_dept
     pinned = ablation_table(pd.DataFrame([r for r in rows if r["depth"] == "2"]), ["entity_matching"])
     assert list(pinned.columns) == ["budget", "selector", "entity_matching", "entity_matching val"]
     assert len(pinned) == 2
+
+
+def test_an_ablation_setting_run_at_a_second_lr_is_its_own_row_not_another_seed():
+    import pandas as pd
+
+    from sparsetune_cli.report import ablation_table
+    rows = [{"task": t, "selector": "token+head64", "budget": 0.01, "depth": d, "seed": 0, "lr": lr,
+             "test": test, "validation": test} for t, d, lr, test in
+            [("trec", "2", 0.01, 0.9), ("trec", "all", 0.01, 0.88), ("trec", "all", 0.003, 0.9),
+             ("intent", "2", 0.003, 0.95), ("intent", "all", 0.003, 0.95)]]
+    table = ablation_table(pd.DataFrame(rows), ["trec", "intent"])
+    assert list(table.columns)[:4] == ["budget", "depth", "selector", "lr"]
+    cell = table.set_index(["depth", "lr"])["trec"]
+    assert cell.loc[("all", 0.01)].startswith("0.8800 (n=1)") and cell.loc[("all", 0.003)].startswith("0.9000 (n=1)")
+    same_lr = ablation_table(pd.DataFrame(rows[:2] + rows[3:]), ["trec", "intent"])   # each cell at one lr
+    assert "lr" not in same_lr.columns
 
 
 def test_the_stability_note_says_when_seeds_share_data_orders():
