@@ -187,17 +187,34 @@ def test_group_by_length_sampling_pads_less_than_random_and_keeps_evaluation_lon
 def test_bench_quick_writes_every_method_as_a_ratio_to_full(tmp_path, data_dir):
     out = tmp_path / "bench"
     subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--backbone", "tiny-encoder", "--methods",
-                    "full,sparse,lora,prefix,head_only_cached", "--out", str(out)], check=True, capture_output=True, timeout=300,
+                    "full,sparse,lora,prefix,head_only_cached,full_bf16", "--out", str(out)], check=True,
+                   capture_output=True, timeout=300,
                    cwd=Path(__file__).resolve().parents[1], env={**os.environ, "SPARSETUNE_DATA_DIR": str(data_dir)})
     result = json.loads(out.with_suffix(".json").read_text())
     train = result["train"]
-    assert set(train) == {"full", "sparse", "lora", "prefix", "head_only_cached", "forward_only"}
+    assert set(train) == {"full", "sparse", "lora", "prefix", "head_only_cached", "full_bf16", "forward_only"}
     assert train["full"]["step_ratio"] == 1
     assert all(r["step_seconds"] > 0 and r["step_ratio"] > 0 for r in train.values())
     assert train["sparse"]["optimizer_state_bytes"] < train["full"]["optimizer_state_bytes"] / 10
     assert set(result["inference_ratio_to_base"]) == {"base", "sparse_merged", "lora_unmerged", "lora_merged",
                                                       "prefix"}
     assert "| sparse |" in out.with_suffix(".md").read_text()
+    assert "`full_bf16` is full with train.precision=bf16" in out.with_suffix(".md").read_text()
+
+
+def test_bench_bf16_rows_train_under_bf16_autocast():
+    import importlib.util
+
+    import torch
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert [bench.precision_of(m) for m in ("full_bf16", "sparse_bf16", "full", "sparse_cached")] == [
+        "bf16", "bf16", "fp32", "fp32"]   # fp32: --precision's default
+    with bench.autocast(bench.precision_of("full_bf16")):
+        assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.bfloat16
+    with bench.autocast(bench.precision_of("full")):
+        assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.float32
 
 
 def test_patience_stops_a_run_whose_validation_score_stops_improving(tmp_path, data_dir):
