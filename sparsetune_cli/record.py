@@ -345,7 +345,7 @@ def usable_cpus() -> int:
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name (Linux's /proc/cpuinfo, else what platform says). Float sums depend on the kernels the
-    CPU selects, so two machines give the same run curves that drift apart within an epoch or two."""
+    CPU selects: the same run on two machines gives curves that drift apart within an epoch or two."""
     try:
         for line in cpuinfo.read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")
