@@ -280,7 +280,8 @@ def main():
             print(f"{m}: left out ({e})", file=sys.stderr)
     methods = list(built)
     batches = built["full"][3]
-    jobs = {m: (lambda i, m=m: train_step(built[m][0], built[m][2], built[m][3][i], precision_of(m))) for m in methods}
+    precisions = {m: precision_of(m) for m in methods}   # looked up once, not inside the timed steps
+    jobs = {m: (lambda i, m=m: train_step(built[m][0], built[m][2], built[m][3][i], precisions[m])) for m in methods}
     jobs["forward_only"] = lambda i: forward_only(built["full"][0], batches[i])
     phases: dict[str, list[float]] = {}
     step = interleaved(jobs, args.steps, args.warmup, len(batches), phases)
