@@ -38,7 +38,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["full", "sparse", "lora", "layer_select", "prefix", "bitfit", "head_only"]
+METHODS = ["full", "sparse", "sparse_all", "lora", "layer_select", "prefix", "bitfit", "head_only"]
 
 
 def run_cmd(argv: list[str], log: Path, timeout: int, env: dict | None = None) -> tuple[int, float]:

@@ -145,7 +145,7 @@ def token_report(cfg) -> dict:
     from .models import load_tokenizer
     tokenizer = load_tokenizer(cfg.backbone)
     data = load_task(cfg.task, cfg.data_dir, cfg.seed)
-    m = cfg.method if cfg.method.name == "sparse" else method_defaults("sparse")
+    m = cfg.method if "num_groups" in cfg.method else method_defaults("sparse")   # sparse, sparse_all: their own
     groups = mine(data.splits["train"], data.labels, tokenizer, cfg.task.max_length, m.num_groups, m.min_count,
                   m.max_ngram)
     return report(groups, data.labels, tokenizer)

@@ -153,7 +153,7 @@ def test_frozen_dropout_false_makes_the_frozen_bottom_deterministic_while_the_to
 
 def test_frozen_dropout_defaults_to_the_methods_own_setting_and_the_train_override_wins():
     defaults = {name: compose([f"method={name}"]).train.frozen_dropout for name in METHODS}
-    assert defaults == {name: name != "sparse" for name in METHODS}   # only sparse sets false (README)
+    assert defaults == {name: name not in ("sparse", "sparse_all") for name in METHODS}   # only sparse's set false
     assert compose(["method=sparse", "train.frozen_dropout=true"]).train.frozen_dropout is True
     assert compose(["method=sparse", "method.frozen_dropout=true"]).train.frozen_dropout is True
     assert compose(["method=head_only", "train.frozen_dropout=false"]).train.frozen_dropout is False
@@ -177,7 +177,7 @@ def test_the_frozen_bottom_trait_matches_what_the_method_leaves_frozen(backbone,
     from sparsetune_cli.models import frozen_bottom, transformer_blocks
     for name, cls in METHODS.items():
         cfg, tok, data, ds, collator, context = setup(backbone, name, data_dir, ["method.probe_batches=1"]
-                                                      if name == "sparse" else [])
+                                                      if name in ("sparse", "sparse_all") else [])
         model = get_method(cfg.method).prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
         blocks = {n for n, _ in transformer_blocks(model)}
         bottom = [n for n, _ in frozen_bottom(model)]

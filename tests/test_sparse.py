@@ -271,6 +271,26 @@ def test_auto_depth_takes_the_top_blocks_that_hold_most_of_an_all_block_selectio
     assert all(int(name.split("layer.")[1].split(".")[0]) >= lowest for name in state["rows"])
 
 
+def test_sparse_all_is_sparse_with_rows_in_every_block(data_dir):
+    """method=sparse_all picks what method=sparse method.depth=all picks, under its own name (its own run folders,
+    lr grid and table row); a depth other than all is refused with the method that takes one."""
+    from conftest import compose
+    from sparsetune_cli.errors import UserError
+    states = {}
+    for method, extra in (("sparse_all", []), ("sparse", ["method.depth=all"]), ("sparse", ["method.depth=1"])):
+        cfg, tok, data, ds, collator, context = setup("tiny-encoder", method, data_dir,
+                                                      ["method.probe_batches=2", "method.lr=1e-3", *extra])
+        chosen = get_method(cfg.method)
+        model = chosen.prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
+        states[method + "".join(extra)] = chosen.state
+    n_blocks = len(transformer_blocks(model))
+    assert states["sparse_all"] == states["sparsemethod.depth=all"] != states["sparsemethod.depth=1"]
+    assert states["sparse_all"]["depth"] == n_blocks == 2   # the tiny encoder's: rows in both blocks
+    assert {int(name.split("layer.")[1].split(".")[0]) for name in states["sparse_all"]["rows"]} == set(range(n_blocks))
+    with pytest.raises(UserError, match="method=sparse_all puts rows in every block.*method=sparse method.depth=N"):
+        get_method(compose(["method=sparse_all", "method.depth=2"]).method)
+
+
 def test_auto_depth_needs_a_probed_selector():
     from conftest import compose
     from sparsetune_cli.errors import UserError
