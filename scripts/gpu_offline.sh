@@ -64,9 +64,9 @@ case "$MODE" in
     rm -f /tmp/grid.done
     (t=0; while [ ! -e /tmp/grid.done ]; do sleep 1; (( ++t % ${PACK_EVERY:-60} )) || pack; done) & packer=$!
     if [ "$MODE" = grid ]; then
-      # sparse_all's row goes with the core here: minutes of a GPU, ~30 CPU hours on 2 cores
+      # CORE (paper_full.sh's: sparse, full, lora) passes through: CORE=sparse,full,lora,sparse_all adds that row
       SPARSETUNE="$PY -m sparsetune_cli.cli" EXPERIMENT=$EXPERIMENT OUT=results/$EXPERIMENT \
-        CORE=${CORE:-sparse,full,lora,sparse_all} CORE_ONLY=${CORE_ONLY:-1} WORKERS=${WORKERS:-6} \
+        CORE_ONLY=${CORE_ONLY:-1} WORKERS=${WORKERS:-6} \
         timeout -s TERM "${DEADLINE:-480}" bash scripts/paper_full.sh > /tmp/grid.log 2>&1 || rc=$?
     else   # the sparse ablation ABLATION at the lrs sparse chose in EXPERIMENT's grid, WORKERS runs at once
       timeout -s TERM "${DEADLINE:-480}" "$PY" -m sparsetune_cli.cli paper --experiment "$EXPERIMENT" \

@@ -342,7 +342,8 @@ def test_cost_ratios_pair_only_runs_with_the_same_thread_setting(monkeypatch):
     from sparsetune_cli import report
     monkeypatch.setattr(report, "time_to_reach", lambda run, full: 1.0)
     # seed 1 of full ran under the parallel launcher (1 thread, slower); sparse's seed 1 ran alone
-    runs = [("full", 0, "None", 100.0), ("full", 1, "1", 200.0), ("sparse", 0, "None", 50.0), ("sparse", 1, "None", 40.0)]
+    runs = [("full", 0, "None", 100.0), ("full", 1, "1", 200.0),
+            ("sparse", 0, "None", 50.0), ("sparse", 1, "None", 40.0)]
     df = pd.DataFrame([{"method": m, "task": "trec", "seed": s, "threads": t, "run_dir": f"{m}{s}",
                         "cost.train_seconds": sec, "cost.wall_seconds": sec + 10, "cost.trainable_params": 1,
                         "cost.trainable_params_without_head": 0, "cost.peak_memory_mb": 1.0, "cost.checkpoint_mb": 1.0}
