@@ -8,6 +8,7 @@ import torch
 from conftest import compose
 from sparsetune_cli.data import load_task, tokenize
 from sparsetune_cli.methods import METHODS, get_method
+from sparsetune_cli.methods.sparse import Sparse
 from sparsetune_cli.models import is_head, load_model, load_tokenizer
 from sparsetune_cli.train import method_context
 
@@ -177,7 +178,7 @@ def test_the_frozen_bottom_trait_matches_what_the_method_leaves_frozen(backbone,
     from sparsetune_cli.models import frozen_bottom, transformer_blocks
     for name, cls in METHODS.items():
         cfg, tok, data, ds, collator, context = setup(backbone, name, data_dir, ["method.probe_batches=1"]
-                                                      if name in ("sparse", "sparse_all") else [])
+                                                      if issubclass(cls, Sparse) else [])
         model = get_method(cfg.method).prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
         blocks = {n for n, _ in transformer_blocks(model)}
         bottom = [n for n, _ in frozen_bottom(model)]

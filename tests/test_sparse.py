@@ -268,7 +268,8 @@ def test_auto_depth_takes_the_top_blocks_that_hold_most_of_an_all_block_selectio
     assert 1 <= state["depth"] <= n and sum(shares[n - state["depth"]:]) >= 0.75 - 1e-6
     assert state["depth"] == 1 or sum(shares[n - state["depth"] + 1:]) < 0.75
     lowest = n - state["depth"]
-    assert all(int(name.split("layer.")[1].split(".")[0]) >= lowest for name in state["rows"])
+    block_of = {name: b for b, name, _ in block_linears(model)}
+    assert all(block_of[name] >= lowest for name in state["rows"])
 
 
 def test_sparse_all_is_sparse_with_rows_in_every_block(data_dir):
@@ -277,16 +278,18 @@ def test_sparse_all_is_sparse_with_rows_in_every_block(data_dir):
     from conftest import compose
     from sparsetune_cli.errors import UserError
     states = {}
-    for method, extra in (("sparse_all", []), ("sparse", ["method.depth=all"]), ("sparse", ["method.depth=1"])):
+    for label, method, extra in (("sparse_all", "sparse_all", []), ("sparse depth=all", "sparse", ["method.depth=all"]),
+                                 ("sparse depth=1", "sparse", ["method.depth=1"])):
         cfg, tok, data, ds, collator, context = setup("tiny-encoder", method, data_dir,
                                                       ["method.probe_batches=2", "method.lr=1e-3", *extra])
         chosen = get_method(cfg.method)
         model = chosen.prepare(load_model(cfg.backbone, len(data.labels), tok), context=context)
-        states[method + "".join(extra)] = chosen.state
+        states[label] = chosen.state
     n_blocks = len(transformer_blocks(model))
-    assert states["sparse_all"] == states["sparsemethod.depth=all"] != states["sparsemethod.depth=1"]
+    assert states["sparse_all"] == states["sparse depth=all"] != states["sparse depth=1"]
     assert states["sparse_all"]["depth"] == n_blocks == 2   # the tiny encoder's: rows in both blocks
-    assert {int(name.split("layer.")[1].split(".")[0]) for name in states["sparse_all"]["rows"]} == set(range(n_blocks))
+    block_of = {name: b for b, name, _ in block_linears(model)}
+    assert {block_of[name] for name in states["sparse_all"]["rows"]} == set(range(n_blocks))
     with pytest.raises(UserError, match="method=sparse_all puts rows in every block.*method=sparse method.depth=N"):
         get_method(compose(["method=sparse_all", "method.depth=2"]).method)
 
