@@ -480,6 +480,22 @@ def plots(df: pd.DataFrame, cost: pd.DataFrame, tasks: list[str], methods: list[
     return written
 
 
+SETTINGS = {"lr", "budget"}   # columns of settings keep their shortest form (0.0003, 0.01)
+
+
+def markdown(table: pd.DataFrame, index: bool) -> str:
+    """The table in markdown, each measured float column at one number of decimals (at most 4). tabulate's
+    default "g" drops trailing zeros, so 0.8000 printed as 0.8 beside 0.8507. The csv keeps every digit."""
+    def fmt(name, col: pd.Series) -> str:
+        if col.dtype.kind != "f" or name in SETTINGS:
+            return "g"
+        places = max((len(f"{v:.4f}".rstrip("0").split(".")[1]) for v in col.dropna()), default=0)
+        return f".{places}f"
+    fmts = ([fmt(table.index.name, table.index.to_series())] if index else []) + [
+        fmt(name, table.iloc[:, i]) for i, name in enumerate(table.columns)]
+    return table.to_markdown(index=index, floatfmt=fmts)
+
+
 def write_tables(plan: Plan, ablations: list[Plan], out: Path, study: list[Plan] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     chosen, missing = lr_choices(plan)
@@ -492,7 +508,7 @@ def write_tables(plan: Plan, ablations: list[Plan], out: Path, study: list[Plan]
 
     def save(name: str, table: pd.DataFrame, title: str, note: str = "", index: bool = True) -> None:
         table.to_csv(out / f"{name}.csv", index=index)
-        (out / f"{name}.md").write_text(f"# {title}\n\n{note}\n\n{table.to_markdown(index=index)}\n")
+        (out / f"{name}.md").write_text(f"# {title}\n\n{note}\n\n{markdown(table, index)}\n")
         written.extend([out / f"{name}.md", out / f"{name}.csv"])
 
     status = (f"Grid not finished for: {', '.join(missing)}." if missing else "Every grid cell is finished.")

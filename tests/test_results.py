@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sparsetune_cli.record import classification_metrics, collect, write_json_atomic
-from sparsetune_cli.report import comparison_table, data_order_note
+from sparsetune_cli.report import comparison_table, data_order_note, markdown
 
 
 def record(method, task, seed, acc, status="completed"):
@@ -59,6 +59,19 @@ def test_table_shows_counts_as_whole_numbers(tmp_path):
         write_json_atomic(tmp_path / f"r{i}" / "metrics.json", r)
     display, _ = comparison_table(collect([tmp_path]), metric="cost.trainable_params")
     assert display.loc["head_only", "intent"] == "0 (n=1)" and display.loc["sparse", "intent"] == "225,408 (n=1)"
+
+
+def test_markdown_gives_each_score_column_one_number_of_decimals():
+    import pandas as pd
+    table = pd.DataFrame({"lr": [0.0003, 0.01, 3e-5], "validation": [0.8, 0.850731, 0.9],
+                          "evaluations": [12.0, 20.0, 7.0], "chosen": [False, True, False]})
+    rows = markdown(table, index=False).splitlines()[2:]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [c[0] for c in cells] == ["0.0003", "0.01", "3e-05"]       # settings keep their shortest form
+    assert [c[1] for c in cells] == ["0.8000", "0.8507", "0.9000"]    # not 0.8 beside 0.8507
+    assert [c[2] for c in cells] == ["12", "20", "7"]
+    indexed = markdown(table.set_index("lr"), index=True).splitlines()[2]   # the index column counts too
+    assert [c.strip() for c in indexed.strip("|").split("|")][:2] == ["0.0003", "0.8000"]
 
 
 def test_git_commit_is_dirty_for_changed_code_but_not_for_changed_records(tmp_path, monkeypatch):
