@@ -182,12 +182,13 @@ def _paper(args: list[str]) -> None:
 
 def status_text(rows: list[dict], experiment: str) -> str:
     import pandas as pd
+    from .report import markdown
     df = pd.DataFrame(rows)
     known = df["hours to go"].notna()
     return (f"experiment={experiment}: {df['runs to go'].sum()} runs to go (at least), "
             f"{df['hours spent'].sum():.1f} training hours spent, about {df.loc[known, 'hours to go'].sum():.1f} to go "
             f"in the {known.sum()} cells with a finished run ({(~known).sum()} cells have none to estimate from)\n\n"
-            + df.fillna("?").to_markdown(index=False))
+            + markdown(df, index=False, missing="?"))
 
 
 def _tokens(args: list[str]) -> None:

@@ -483,9 +483,10 @@ def plots(df: pd.DataFrame, cost: pd.DataFrame, tasks: list[str], methods: list[
 SETTINGS = {"lr", "budget"}   # columns of settings keep their shortest form (0.0003, 0.01)
 
 
-def markdown(table: pd.DataFrame, index: bool) -> str:
-    """The table in markdown, each measured float column at one number of decimals (at most 4). tabulate's
-    default "g" drops trailing zeros, so 0.8000 printed as 0.8 beside 0.8507. The csv keeps every digit."""
+def markdown(table: pd.DataFrame, index: bool, missing: str = "") -> str:
+    """The table in markdown, each measured float column at one number of decimals (at most 4), a missing value
+    as `missing`. tabulate's default "g" drops trailing zeros, so 0.8000 printed as 0.8 beside 0.8507. The csv
+    keeps every digit."""
     def fmt(name, col: pd.Series) -> str:
         if col.dtype.kind != "f" or name in SETTINGS:
             return "g"
@@ -493,7 +494,8 @@ def markdown(table: pd.DataFrame, index: bool) -> str:
         return f".{places}f"
     fmts = ([fmt(table.index.name, table.index.to_series())] if index else []) + [
         fmt(name, table.iloc[:, i]) for i, name in enumerate(table.columns)]
-    return table.to_markdown(index=index, floatfmt=fmts)
+    shown = table.astype(object).where(table.notna(), None)   # tabulate prints a NaN float as "nan"
+    return shown.to_markdown(index=index, floatfmt=fmts, missingval=missing)
 
 
 def write_tables(plan: Plan, ablations: list[Plan], out: Path, study: list[Plan] | None = None) -> list[Path]:

@@ -70,6 +70,8 @@ def test_markdown_gives_each_score_column_one_number_of_decimals():
     assert [c[0] for c in cells] == ["0.0003", "0.01", "3e-05"]       # settings keep their shortest form
     assert [c[1] for c in cells] == ["0.8000", "0.8507", "0.9000"]    # not 0.8 beside 0.8507
     assert [c[2] for c in cells] == ["12", "20", "7"]
+    table.loc[2, "validation"] = float("nan")
+    assert markdown(table, index=False).splitlines()[4].split("|")[2].strip() == ""   # not "nan"
     indexed = markdown(table.set_index("lr"), index=True).splitlines()[2]   # the index column counts too
     assert [c.strip() for c in indexed.strip("|").split("|")][:2] == ["0.0003", "0.8000"]
 
