@@ -109,6 +109,14 @@ def test_every_experiment_composes_for_every_cell_of_its_sweep(experiment):
             assert "task_overrides" not in cfg   # applied and dropped
 
 
+@pytest.mark.parametrize("experiment", ["paper_cpu", "paper_full_cpu", "paper_full_gpu"])
+def test_each_comparison_sweeps_every_method_of_the_paper(experiment):
+    """paper_full_cpu restates paper's method list to add sparse_all (a sweep string cannot be appended to), so a
+    method added to paper.yaml must be added there too: this catches a comparison that drops one."""
+    from sparsetune_cli.sweep import Plan
+    assert set(Plan("paper", []).methods) <= set(Plan(experiment, []).methods)
+
+
 def test_task_overrides_reach_only_their_task_and_leave_no_trace():
     em = compose(["experiment=paper_full_cpu", "task=entity_matching"])
     srl = compose(["experiment=paper_full_cpu", "task=srl"])
