@@ -490,7 +490,8 @@ def markdown(table: pd.DataFrame, index: bool, missing: str = "") -> str:
     def fmt(name, col: pd.Series) -> str:
         if col.dtype.kind != "f" or name in SETTINGS:
             return "g"
-        places = max((len(f"{v:.4f}".rstrip("0").split(".")[1]) for v in col.dropna()), default=0)
+        places = max((len(f"{v:.4f}".rstrip("0").split(".")[1]) for v in col.dropna() if math.isfinite(v)),
+                     default=0)
         return f".{places}f"
     fmts = ([fmt(table.index.name, table.index.to_series())] if index else []) + [
         fmt(name, table.iloc[:, i]) for i, name in enumerate(table.columns)]
