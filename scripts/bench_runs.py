@@ -52,7 +52,13 @@ def main() -> None:
                    help="the sparse grid's other points (sparse's own lr runs first)")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. task.train_limit=2000)")
     p.add_argument("--out", default=str(REPO / "results" / "bench_runs"))
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite OUT.md from the existing OUT.json (after a change of format); runs nothing")
     a = p.parse_args()
+    if a.render:
+        out = Path(a.out)
+        out.with_suffix(".md").write_text(render(json.loads(out.with_suffix(".json").read_text())))
+        return
     root = Path(tempfile.mkdtemp(prefix="bench-runs-"))
     env = {**os.environ, "HF_DATASETS_CACHE": str(root / "datasets-cache"), "TOKENIZERS_PARALLELISM": "false"}
     common = [f"task={a.task}", f"train.epochs={a.epochs}", f"seed={a.seed}", *a.extra]
@@ -69,26 +75,36 @@ def main() -> None:
     grid = [r for r in rows if r["run"].startswith("sparse")]
     summary = {"sparse lr grid (all points, one cache) ÷ one full run":
                sum(r["wall_seconds"] for r in grid) / full["wall_seconds"], "grid points": len(grid)}
-    result = {"settings": vars(a), "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                              "load_average_at_end": os.getloadavg()},
+    result = {"settings": vars(a), "command": " ".join(["python scripts/bench_runs.py", *sys.argv[1:]]),
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "load_average_at_end": os.getloadavg()},
               "runs": rows, "summary": summary}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(render(result))
+    print(out.with_suffix(".md").read_text())
+
+
+def render(result: dict) -> str:
+    """The markdown page of a bench_runs result, each column at one precision (seconds to 0.1, ratios and scores
+    to 0.001), so that `--render` can rewrite it from the json without running anything."""
     import pandas as pd
-    table = pd.DataFrame(rows).set_index("run")
+    from sparsetune_cli.report import markdown
+    table = pd.DataFrame(result["runs"]).set_index("run")
     cols = ["wall_seconds", "wall ÷ full", "seconds_per_step", "step ÷ full", "steps", "cached_blocks",
             "cache_built", "cache_seconds", "validation", "test"]
-    md = (f"# Whole runs as ratios to full finetuning ({a.task}, {a.epochs} epochs, seed {a.seed})\n\n"
-          f"Command: `python scripts/bench_runs.py {' '.join(sys.argv[1:])}`, runs one after another on "
-          f"{os.cpu_count()} CPUs with nothing else started by the script (load average at the end "
-          f"{tuple(round(x, 2) for x in os.getloadavg())}). `wall` is the whole command: loading, tokenizing, "
-          f"mining and probe, the cache (built in the first sparse run, reused by the grid), training, "
-          f"evaluation.\n\n{table[cols].round(3).to_markdown()}\n\n"
-          + "\n".join(f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in summary.items())
-          + "\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    table = table[cols].round({"wall_seconds": 1, "cache_seconds": 1, "wall ÷ full": 3, "seconds_per_step": 3,
+                               "step ÷ full": 3, "validation": 3, "test": 3})
+    s, m = result["settings"], result["machine"]
+    return (f"# Whole runs as ratios to full finetuning ({s['task']}, {s['epochs']} epochs, seed {s['seed']})\n\n"
+            f"Command: `{result.get('command', 'python scripts/bench_runs.py')}`, runs one after another on "
+            f"{m['cpus']} CPUs with nothing else started by the script (load average at the end "
+            f"{tuple(round(x, 2) for x in m['load_average_at_end'])}). `wall` is the whole command: loading, "
+            f"tokenizing, mining and probe, the cache (built in the first sparse run, reused by the grid), training, "
+            f"evaluation.\n\n{markdown(table, index=True)}\n\n"
+            + "\n".join(f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
+                        for k, v in result["summary"].items()) + "\n")
 
 
 if __name__ == "__main__":

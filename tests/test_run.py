@@ -217,6 +217,19 @@ def test_bench_bf16_rows_train_under_bf16_autocast():
         assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.float32
 
 
+def test_bench_runs_render_rewrites_the_committed_page_from_its_json(tmp_path):
+    """`bench_runs.py --render` rebuilds the markdown from the json alone, each column at one precision: 0.920
+    beside 0.919, never 0.92. The committed page is what it renders."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "b.json").write_text((repo / "results" / "bench_runs.json").read_text())
+    subprocess.run([sys.executable, "scripts/bench_runs.py", "--render", "--out", str(tmp_path / "b")], cwd=repo,
+                   check=True, capture_output=True, timeout=120)
+    page = (tmp_path / "b.md").read_text()
+    assert page == (repo / "results" / "bench_runs.md").read_text()
+    rows = [line.split("|")[1:-1] for line in page.splitlines() if line.startswith("| sparse lr=0.001")]
+    assert [cell.strip() for cell in rows[0]][-2:] == ["0.915", "0.920"]
+
+
 def test_patience_stops_a_run_whose_validation_score_stops_improving(tmp_path, data_dir):
     """At a learning rate too small to change any prediction the validation score never improves: patience 1
     ends the run after its second evaluation of 6 epochs, and the first (best) checkpoint is what is scored."""
