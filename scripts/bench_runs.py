@@ -55,10 +55,20 @@ def main() -> None:
     p.add_argument("--render", action="store_true",
                    help="only rewrite OUT.md from the existing OUT.json (after a change of format); runs nothing")
     a = p.parse_args()
+    out = Path(a.out)
     if a.render:
-        out = Path(a.out)
-        out.with_suffix(".md").write_text(render(json.loads(out.with_suffix(".json").read_text())))
-        return
+        result = json.loads(out.with_suffix(".json").read_text())
+    else:
+        result = measure(a)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    page = render(result)
+    out.with_suffix(".md").write_text(page)
+    print(page)
+
+
+def measure(a: argparse.Namespace) -> dict:
+    """Every run of the benchmark, one after another, with the ratios to the first (full finetuning)."""
     root = Path(tempfile.mkdtemp(prefix="bench-runs-"))
     env = {**os.environ, "HF_DATASETS_CACHE": str(root / "datasets-cache"), "TOKENIZERS_PARALLELISM": "false"}
     common = [f"task={a.task}", f"train.epochs={a.epochs}", f"seed={a.seed}", *a.extra]
@@ -75,15 +85,10 @@ def main() -> None:
     grid = [r for r in rows if r["run"].startswith("sparse")]
     summary = {"sparse lr grid (all points, one cache) ÷ one full run":
                sum(r["wall_seconds"] for r in grid) / full["wall_seconds"], "grid points": len(grid)}
-    result = {"settings": vars(a), "command": " ".join(["python scripts/bench_runs.py", *sys.argv[1:]]),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "load_average_at_end": os.getloadavg()},
-              "runs": rows, "summary": summary}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(render(result))
-    print(out.with_suffix(".md").read_text())
+    return {"settings": vars(a), "command": " ".join(["python scripts/bench_runs.py", *sys.argv[1:]]),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "load_average_at_end": os.getloadavg()},
+            "runs": rows, "summary": summary}
 
 
 def render(result: dict) -> str:
