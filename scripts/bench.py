@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -69,8 +70,18 @@ def fixed_batches(cfg, seq_len: int, batch_size: int, n: int):
     return _data_cache[key]
 
 
-def build(args, name: str):
-    """A model prepared by the method (or variant) `name`, its optimizer, and the fixed batches."""
+class Built(NamedTuple):
+    model: torch.nn.Module
+    method: object
+    opt: torch.optim.Optimizer
+    batches: list
+    precision: str   # the autocast dtype its training steps run in
+
+
+def build(args, name: str) -> Built:
+    """A model prepared by the method (or variant) `name`, its optimizer, the fixed batches and its precision.
+    The precision is the composed config's train.precision (set by a variant or --override); its default,
+    auto, means --precision."""
     method_name, overrides = VARIANTS.get(name, (name, []))
     cfg = compose([f"backbone={args.backbone}", f"method={method_name}", f"task={args.task}",
                    f"train.batch_size={args.batch_size}", f"task.max_length={args.seq_len}",
@@ -85,17 +96,12 @@ def build(args, name: str):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.method.lr, weight_decay=cfg.train.weight_decay,
                             fused=cfg.train.optimizer == "adamw_torch_fused")   # as the Trainer builds it
-    return model, method, opt, batches
+    precision = SETTINGS["precision"] if cfg.train.precision == "auto" else cfg.train.precision
+    return Built(model, method, opt, batches, precision)
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SETTINGS = {"device": "cpu", "precision": "fp32"}   # set once by main() from --device/--precision
-
-
-def precision_of(name: str) -> str:
-    """The autocast dtype a row trains in: its variant's train.precision, else --precision."""
-    overrides = VARIANTS.get(name, (name, []))[1]
-    return next((o.split("=", 1)[1] for o in overrides if o.startswith("train.precision=")), SETTINGS["precision"])
 
 
 def autocast(precision: str | None = None):
@@ -229,12 +235,11 @@ def peak_while(fn) -> tuple[float, float]:
 def run_memory_child(args):
     args.batches = 2
     if args.memory_of == "forward_only":
-        model, _, _, batches = build(args, "full")
-        before, peak = peak_while(lambda: [forward_only(model, b) for b in batches * 2])
+        b = build(args, "full")
+        before, peak = peak_while(lambda: [forward_only(b.model, x) for x in b.batches * 2])
     else:
-        model, _, opt, batches = build(args, args.memory_of)
-        precision = precision_of(args.memory_of)
-        before, peak = peak_while(lambda: [train_step(model, opt, b, precision) for b in batches * 2])
+        b = build(args, args.memory_of)
+        before, peak = peak_while(lambda: [train_step(b.model, b.opt, x, b.precision) for x in b.batches * 2])
     # The loaded model is the same for every method; what training adds on top of it is comparable.
     print(json.dumps({"peak_mb": peak, "base_mb": before}))
 
@@ -279,20 +284,19 @@ def main():
         except NotApplicable as e:
             print(f"{m}: left out ({e})", file=sys.stderr)
     methods = list(built)
-    batches = built["full"][3]
-    precisions = {m: precision_of(m) for m in methods}   # looked up once, not inside the timed steps
-    jobs = {m: (lambda i, m=m: train_step(built[m][0], built[m][2], built[m][3][i], precisions[m])) for m in methods}
-    jobs["forward_only"] = lambda i: forward_only(built["full"][0], batches[i])
+    batches = built["full"].batches
+    jobs = {m: (lambda i, b=built[m]: train_step(b.model, b.opt, b.batches[i], b.precision)) for m in methods}
+    jobs["forward_only"] = lambda i: forward_only(built["full"].model, batches[i])
     phases: dict[str, list[float]] = {}
     step = interleaved(jobs, args.steps, args.warmup, len(batches), phases)
 
     rows = {}
     for m in methods:
-        model, method, opt, _ = built[m]
-        counts = count_params(model)
-        rows[m] = {"step_seconds": step[m], "trainable_params": counts["trainable_params"],
+        counts = count_params(built[m].model)
+        rows[m] = {"step_seconds": step[m], "precision": built[m].precision,
+                   "trainable_params": counts["trainable_params"],
                    "trainable_params_without_head": counts["trainable_params_without_head"],
-                   "optimizer_state_bytes": optimizer_state_bytes(opt),
+                   "optimizer_state_bytes": optimizer_state_bytes(built[m].opt),
                    **dict(zip(("forward_seconds", "backward_seconds", "optimizer_seconds"), phases[m]))}
     rows["forward_only"] = {"step_seconds": step["forward_only"]}
     if not (args.quick or args.skip_memory):
@@ -301,15 +305,15 @@ def main():
 
     # Inference throughput of the trained models: base vs merged sparse vs LoRA (un)merged vs prefix.
     base_cfg = compose([f"backbone={args.backbone}", *args.override]).backbone
-    infer_models = {"base": load_model(base_cfg, built["full"][0].config.num_labels,
+    infer_models = {"base": load_model(base_cfg, built["full"].model.config.num_labels,
                                        load_tokenizer(base_cfg)).to(args.device)}
     if "sparse" in built:
-        infer_models["sparse_merged"] = built["sparse"][1].export(built["sparse"][0])
+        infer_models["sparse_merged"] = built["sparse"].method.export(built["sparse"].model)
     if "lora" in built:  # merge a copy: merge_and_unload changes the module in place
-        infer_models["lora_unmerged"] = built["lora"][0]
-        infer_models["lora_merged"] = copy.deepcopy(built["lora"][0]).merge_and_unload()
+        infer_models["lora_unmerged"] = built["lora"].model
+        infer_models["lora_merged"] = copy.deepcopy(built["lora"].model).merge_and_unload()
     if "prefix" in built:
-        infer_models["prefix"] = built["prefix"][0]
+        infer_models["prefix"] = built["prefix"].model
     # One interleaved pass for all, so every ratio to base compares rounds run under the same load
     inf = interleaved({k: (lambda i, m=m: infer(m, batches[i])) for k, m in infer_models.items()},
                       args.steps, args.warmup, len(batches))

@@ -194,6 +194,7 @@ def test_bench_quick_writes_every_method_as_a_ratio_to_full(tmp_path, data_dir):
     train = result["train"]
     assert set(train) == {"full", "sparse", "lora", "prefix", "head_only_cached", "full_bf16", "forward_only"}
     assert train["full"]["step_ratio"] == 1
+    assert (train["full_bf16"]["precision"], train["full"]["precision"]) == ("bf16", "fp32")
     assert all(r["step_seconds"] > 0 and r["step_ratio"] > 0 for r in train.values())
     assert train["sparse"]["optimizer_state_bytes"] < train["full"]["optimizer_state_bytes"] / 10
     assert set(result["inference_ratio_to_base"]) == {"base", "sparse_merged", "lora_unmerged", "lora_merged",
@@ -202,18 +203,24 @@ def test_bench_quick_writes_every_method_as_a_ratio_to_full(tmp_path, data_dir):
     assert "`full_bf16` is full with train.precision=bf16" in out.with_suffix(".md").read_text()
 
 
-def test_bench_bf16_rows_train_under_bf16_autocast():
+def test_bench_rows_take_their_precision_from_the_composed_config(data_dir):
+    """A row trains in its config's train.precision (a _bf16 variant's, or one --override sets for every row); the
+    default, auto, means --precision. The autocast it gets is that dtype."""
+    import argparse
     import importlib.util
 
     import torch
     spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert [bench.precision_of(m) for m in ("full_bf16", "sparse_bf16", "full", "sparse_cached")] == [
-        "bf16", "bf16", "fp32", "fp32"]   # fp32: --precision's default
-    with bench.autocast(bench.precision_of("full_bf16")):
+    args = argparse.Namespace(backbone="tiny-encoder", task="intent", batch_size=2, seq_len=8, batches=1, device="cpu",
+                              override=[f"data_dir={data_dir}"])
+    assert [bench.build(args, m).precision for m in ("full_bf16", "sparse_bf16", "full")] == ["bf16", "bf16", "fp32"]
+    args.override.append("train.precision=bf16")
+    assert bench.build(args, "full").precision == "bf16"
+    with bench.autocast("bf16"):
         assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.bfloat16
-    with bench.autocast(bench.precision_of("full")):
+    with bench.autocast("fp32"):
         assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.float32
 
 
