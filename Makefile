@@ -25,7 +25,7 @@ run: install
 	$(BIN)/sparsetune run
 
 # The import contract (pyproject.toml [tool.importlinter]), then the fast tests (tiny models, small slices of the
-# real data); a few minutes on 2 CPU cores.
+# real data); about 17 minutes on 2 CPU cores with nothing else running.
 test: install
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q -m "not slow"
